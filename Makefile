@@ -1,0 +1,44 @@
+# The two commands of the README quickstart: `make demo` and `make test`.
+# Each creates (or reuses) .venv itself, with nothing but Python >= 3.11 on the machine.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck unit soak bench clean venv
+
+$(STAMP): pyproject.toml constraints.txt scripts/python.sh
+	@test -x $(BIN)/python || "$$(scripts/python.sh)" -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python examples/resilience_demo.py
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/lint-imports
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest
+
+test: lint typecheck
+	scripts/ensure-services.sh
+	$(BIN)/pytest --cov=meshkit --cov-branch --cov-report=term:skip-covered
+
+soak: venv
+	MESHKIT_SOAK=1 $(BIN)/pytest -m slow
+
+bench: venv
+	$(BIN)/python benchmarks/resilience.py
+	$(BIN)/python benchmarks/messaging.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

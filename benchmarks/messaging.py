@@ -1,0 +1,280 @@
+"""Messaging throughput and latency: meshkit's memory and SQLite backends, beside litequeue and persist-queue.
+
+    .venv/bin/python benchmarks/messaging.py [--count 100000] [--e2e-count 50000] [--skip-inprocess]
+
+Part 1, in one process, for memory:// and sqlite:// and 64 B / 4 KiB payloads: publish throughput (windowed:
+batches of 500; sequential: one awaited publish at a time, on a tenth of the messages), consume+ack throughput
+with a trivial handler, and end-to-end latency p50/p99 at a fixed moderate rate (2,000 msgs/s for 2 s).
+
+Part 2, the issue's setup: ``--e2e-count`` 64 B messages through one SQLite file, 1 producer process and 2
+consumer processes, for meshkit, litequeue (``put`` / ``get`` + ``done``) and persist-queue's ``SQLiteAckQueue``
+(``put`` / ``get`` + ``ack``; not safe across processes, so its duplicates are counted). End-to-end rate = messages
+/ (last message handled - producer start). Also: duplicates, lost, and each consumer's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+
+
+# -- part 1: in one process ----------------------------------------------------------------------------------------
+
+
+async def inprocess(url: str, count: int, size: int) -> dict[str, float]:
+    from meshkit.messaging import Message, SubscriptionOptions, connect
+
+    pad = "x" * max(size - 20, 0)
+    result: dict[str, float] = {}
+    async with connect(url, max_message_bytes=10 * size + 1024) as broker:
+        start = time.perf_counter()
+        for i in range(0, count, 500):
+            await broker.publish_batch("bench", [{"n": n, "p": pad} for n in range(i, min(i + 500, count))])
+        result["publish windowed"] = count / (time.perf_counter() - start)
+        seq = max(count // 10, 1)
+        start = time.perf_counter()
+        for n in range(seq):
+            await broker.publish("bench.seq", {"n": n, "p": pad})
+        result["publish sequential"] = seq / (time.perf_counter() - start)
+
+        handled = 0
+        done = asyncio.Event()
+
+        async def handle(message: Message) -> None:
+            nonlocal handled
+            handled += 1
+            if handled == count:
+                done.set()
+
+        start = time.perf_counter()
+        await broker.subscribe("bench", handle, group="g", options=SubscriptionOptions(concurrency=256, prefetch=512))
+        await asyncio.wait_for(done.wait(), 600)
+        result["consume+ack"] = count / (time.perf_counter() - start)
+
+        latencies: list[float] = []
+        rate, seconds = 2000, 2.0
+        all_in = asyncio.Event()
+
+        async def timed(message: Message) -> None:
+            latencies.append(time.time() - message.data["t"])
+            if len(latencies) >= rate * seconds:
+                all_in.set()
+
+        options = SubscriptionOptions(concurrency=64, prefetch=64, poll_interval=0.05)
+        await broker.subscribe("bench.latency", timed, group="g", options=options)
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            await broker.publish("bench.latency", {"n": n, "t": time.time(), "p": pad})
+            ahead = start + (n + 1) / rate - time.perf_counter()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await asyncio.wait_for(all_in.wait(), 120)
+        q = statistics.quantiles(latencies, n=100)
+        result["latency p50 ms"] = q[49] * 1000
+        result["latency p99 ms"] = q[98] * 1000
+    return result
+
+
+# -- part 2: processes on one SQLite file --------------------------------------------------------------------------
+
+
+def produce(kind: str, db: str, count: int) -> None:
+    if kind == "meshkit":
+        from meshkit.messaging import connect
+
+        async def run() -> None:
+            async with connect(f"sqlite:///{db}") as broker:
+                for i in range(0, count, 500):
+                    await broker.publish_batch("e2e", [{"n": n} for n in range(i, min(i + 500, count))])
+
+        asyncio.run(run())
+    elif kind == "litequeue":
+        from litequeue import LiteQueue
+
+        q = LiteQueue(db)
+        for n in range(count):
+            q.put(json.dumps({"n": n}))
+    else:
+        from persistqueue import SQLiteAckQueue
+
+        q = SQLiteAckQueue(db, multithreading=True, auto_commit=True)
+        for n in range(count):
+            q.put({"n": n})
+
+
+def consume(kind: str, db: str, status: str) -> None:
+    seen: list[int] = []
+    last = [0.0]
+    stop = [False]
+
+    def report() -> None:
+        Path(status).write_text(json.dumps({"count": len(seen), "last": last[0], "seen": seen if stop[0] else []}))
+
+    def on_term(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    report()  # "I am running"
+    next_report = time.time() + 0.1
+    if kind == "meshkit":
+        from meshkit.messaging import Message, SubscriptionOptions, connect
+
+        async def run() -> None:
+            nonlocal next_report
+
+            async def handle(message: Message) -> None:
+                seen.append(message.data["n"])
+                last[0] = time.time()
+
+            async with connect(f"sqlite:///{db}") as broker:
+                options = SubscriptionOptions(concurrency=256, prefetch=512, poll_interval=0.05)
+                await broker.subscribe("e2e", handle, group="workers", options=options)
+                while not stop[0]:
+                    await asyncio.sleep(0.1)
+                    report()
+
+        asyncio.run(run())
+    else:
+        if kind == "litequeue":
+            from litequeue import LiteQueue
+
+            lq = LiteQueue(db)
+
+            def take() -> int | None:
+                message = lq.pop()
+                if message is None:
+                    return None
+                lq.done(message.message_id)
+                return int(json.loads(message.data)["n"])
+        else:
+            from persistqueue import SQLiteAckQueue
+            from persistqueue.exceptions import Empty
+
+            pq = SQLiteAckQueue(db, multithreading=True, auto_commit=True)
+
+            def take() -> int | None:
+                try:
+                    item = pq.get(block=False)
+                except Empty:
+                    return None
+                pq.ack(item)
+                return int(item["n"])
+
+        while not stop[0]:
+            n = take()
+            if n is None:
+                time.sleep(0.001)
+            else:
+                seen.append(n)
+                last[0] = time.time()
+            if time.time() > next_report:
+                report()
+                next_report = time.time() + 0.1
+    stop[0] = True
+    report()
+
+
+def end_to_end(kind: str, count: int) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+    db = str(folder / "queue.db")
+    if kind != "meshkit":  # create the queue's tables before anyone races to
+        produce(kind, db, 0)
+    statuses = [str(folder / f"consumer-{i}.json") for i in range(2)]
+    consumers = [subprocess.Popen([sys.executable, str(HERE), "--worker", "consume", kind, db, s]) for s in statuses]
+    ready = time.time() + 120  # the clock starts once both consumers run (imports are not part of the measure)
+    while not all(Path(s).exists() for s in statuses) and time.time() < ready:
+        time.sleep(0.01)
+    start = time.time()
+    producer = subprocess.Popen([sys.executable, str(HERE), "--worker", "produce", kind, db, str(count)])
+    # stop when the producer is done, at least `count` deliveries were reported, and nothing new came for 1 s
+    # (deliveries, not unique messages: a queue that duplicates must not be stopped before it drains)
+    deadline = time.time() + 600
+    last_total, quiet_since = -1, time.time()
+    while time.time() < deadline:
+        total = 0
+        for s in statuses:
+            try:
+                total += json.loads(Path(s).read_text())["count"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        if total != last_total:
+            last_total, quiet_since = total, time.time()
+        if total >= count and producer.poll() is not None and time.time() - quiet_since > 1.0:
+            break
+        time.sleep(0.05)
+    producer.wait()
+    for c in consumers:
+        c.send_signal(signal.SIGTERM)
+    for c in consumers:
+        c.wait(timeout=60)
+    reports = [json.loads(Path(s).read_text()) for s in statuses]
+    everything = [n for r in reports for n in r["seen"]]
+    last = max(r["last"] for r in reports)
+    unique = set(everything)
+    return {
+        "msgs/s": len(unique) / (last - start) if last > start else 0.0,
+        "duplicates": len(everything) - len(unique),
+        "lost": count - len(unique),
+        "shares": [len(r["seen"]) for r in reports],
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        role, kind, *rest = sys.argv[2:]
+        if role == "produce":
+            produce(kind, rest[0], int(rest[1]))
+        else:
+            consume(kind, rest[0], rest[1])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--e2e-count", type=int, default=50_000)
+    parser.add_argument("--skip-inprocess", action="store_true")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores", file=sys.stderr)
+
+    if not args.skip_inprocess:
+        print(f"\n## In one process: {args.count} messages\n")
+        print(
+            "| backend | payload | publish windowed msgs/s | publish sequential msgs/s | consume+ack msgs/s "
+            "| latency p50 ms | latency p99 ms |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for backend in ("memory", "sqlite"):
+            for size in (64, 4096):
+                folder = tempfile.mkdtemp(prefix="bench-inproc-")
+                url = "memory://" if backend == "memory" else f"sqlite:///{folder}/b.db"
+                r = asyncio.run(inprocess(url, args.count, size))
+                print(
+                    f"| {backend} | {size} B | {r['publish windowed']:,.0f} | {r['publish sequential']:,.0f} "
+                    f"| {r['consume+ack']:,.0f} | {r['latency p50 ms']:.2f} | {r['latency p99 ms']:.2f} |",
+                    flush=True,
+                )
+
+    print(f"\n## One SQLite file, 1 producer + 2 consumer processes: {args.e2e_count} x 64 B\n")
+    print("| queue | end-to-end msgs/s | duplicates | lost | per consumer |")
+    print("|---|---:|---:|---:|---|")
+    results = {}
+    for kind in ("meshkit", "litequeue", "persist-queue"):
+        r = results[kind] = end_to_end(kind, args.e2e_count)
+        print(f"| {kind} | {r['msgs/s']:,.0f} | {r['duplicates']} | {r['lost']} | {r['shares']} |", flush=True)
+    for peer in ("litequeue", "persist-queue"):
+        if results[peer]["msgs/s"]:
+            print(f"\nmeshkit / {peer}: {results['meshkit']['msgs/s'] / results[peer]['msgs/s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Dead letters: list, replay or discard the messages a topic's handlers gave up on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshkit._core.settings import load_settings
+from meshkit.errors import ConfigurationError
+from meshkit.messaging import Broker, Message, connect
+
+app = typer.Typer(help=__doc__, no_args_is_help=True)
+
+UrlOption = Annotated[str | None, typer.Option("--url", help="The broker URL (default: broker.url from the settings).")]
+
+
+def _broker(url: str | None) -> Broker:
+    url = url or load_settings().broker.url
+    if url.startswith("memory:"):
+        raise ConfigurationError(
+            "a memory:// broker lives inside its process; the CLI cannot reach it",
+            hint="point --url (or broker.url) at the broker the services use, such as sqlite:///.meshkit/broker.db",
+        )
+    return connect(url)
+
+
+def _row(message: Message) -> dict[str, object]:
+    h = message.headers
+    return {
+        "id": message.id,
+        "original_id": h.get("dlqid"),
+        "group": h.get("dlqgroup"),
+        "deliveries": int(h.get("dlqdeliveries", "0")),
+        "reason": h.get("dlqreason"),
+        "data": message.data if not isinstance(message.data, bytes) else message.data.decode("utf-8", "replace"),
+    }
+
+
+@app.command("ls")
+def list_dead_letters(
+    topic: Annotated[str, typer.Argument(help="The topic whose dead letters to show (not the .dlq name).")],
+    url: UrlOption = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List dead letters with the reason each one failed."""
+
+    async def run() -> list[Message]:
+        async with _broker(url) as broker:
+            return await broker.dead_letters(topic).list(limit)
+
+    messages = asyncio.run(run())
+    if as_json:
+        for message in messages:
+            typer.echo(json.dumps(_row(message), default=str))
+        return
+    table = Table(title=f"dead letters of {topic} ({len(messages)})")
+    for column in ("id", "group", "deliveries", "reason", "data"):
+        table.add_column(column, overflow="fold")
+    for message in messages:
+        row = _row(message)
+        table.add_row(
+            str(row["id"]),
+            str(row["group"]),
+            str(row["deliveries"]),
+            str(row["reason"]),
+            json.dumps(row["data"], default=str)[:200],
+        )
+    Console(highlight=False).print(table)
+
+
+def _settle(topic: str, ids: list[str] | None, url: str | None, yes: bool, *, replay: bool) -> None:
+    verb = "replay" if replay else "discard"
+    what = f"{len(ids)} chosen dead letters" if ids else "every dead letter"
+    if not yes and not typer.confirm(f"{verb} {what} of {topic}?", default=False):
+        raise typer.Exit(1)
+
+    async def run() -> int:
+        async with _broker(url) as broker:
+            dead = broker.dead_letters(topic)
+            return await (dead.replay(ids) if replay else dead.discard(ids))
+
+    count = asyncio.run(run())
+    typer.echo(f"{'replayed' if replay else 'discarded'} {count} dead letter{'s' if count != 1 else ''} of {topic}")
+
+
+IdsOption = Annotated[list[str] | None, typer.Option("--id", help="Only these dead letters (repeatable).")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+@app.command("replay")
+def replay(
+    topic: Annotated[str, typer.Argument(help="The topic to send the dead letters back to.")],
+    ids: IdsOption = None,
+    url: UrlOption = None,
+    yes: YesOption = False,
+) -> None:
+    """Send dead letters back to their topic, to be handled again."""
+    _settle(topic, ids, url, yes, replay=True)
+
+
+@app.command("discard")
+def discard(
+    topic: Annotated[str, typer.Argument(help="The topic whose dead letters to drop.")],
+    ids: IdsOption = None,
+    url: UrlOption = None,
+    yes: YesOption = False,
+) -> None:
+    """Drop dead letters for good."""
+    _settle(topic, ids, url, yes, replay=False)

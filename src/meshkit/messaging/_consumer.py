@@ -1,0 +1,264 @@
+"""The consumer runtime shared by every backend: fetch, bounded concurrency, ack/nack, redelivery, dead letters.
+
+One :class:`Subscription` is one member of a consumer group. Its fetch loop keeps at most ``concurrency +
+prefetch`` deliveries fetched and unfinished (so nothing piles up in memory); ``concurrency`` worker tasks, owned by
+the subscription, take them in order and settle each by the outcome:
+
+- the handler returned: ack (acks are written in batches by a flusher task: whatever was handled while the
+  previous batch was being written goes next, so a busy subscription writes few, large batches);
+- it raised, or the message does not decode: nack with a delay from the subscription's ``Retry`` backoff, or, when
+  ``Retry.attempts`` deliveries are used up (at once for a message that cannot decode), publish it to the dead
+  letter topic with the reason in its headers, then ack;
+- it was cancelled (the subscription is closing): release, so another member gets it at once.
+
+``aclose()`` stops fetching, lets running handlers finish (up to ``drain_timeout``, then cancels them), releases
+what was fetched but not started, and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from meshkit.errors import MessageDecodeError
+from meshkit.messaging.base import Delivery, GroupChannel, StartFrom
+from meshkit.messaging.message import Message
+from meshkit.resilience import Exponential, Retry
+from meshkit.tracing import extracted
+
+if TYPE_CHECKING:
+    from meshkit.messaging.broker import Broker
+
+__all__ = ["Handler", "Subscription", "SubscriptionOptions"]
+
+log = logging.getLogger("meshkit.messaging")
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """How one member consumes. ``retry.attempts`` is the most deliveries before the dead letter topic."""
+
+    concurrency: int = 16
+    prefetch: int = 16
+    retry: Retry = field(default_factory=lambda: Retry(attempts=5, backoff=Exponential(0.1, cap=30.0)))
+    start: StartFrom = "earliest"
+    dead_letter_topic: str | None = None  # default: "<topic>.dlq"
+    drain_timeout: float = 30.0
+    poll_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.prefetch < 0:
+            raise ValueError("concurrency must be >= 1 and prefetch >= 0")
+        if self.retry.attempts is None:
+            raise ValueError("a subscription's Retry needs attempts: the most deliveries before the dead letter topic")
+
+
+class Subscription:
+    """One member of a consumer group (see the module docstring)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        topic: str,
+        group: str,
+        handler: Handler,
+        options: SubscriptionOptions,
+        channel: GroupChannel,
+    ) -> None:
+        self.topic = topic
+        self.group = group
+        self._broker = broker
+        self._handler = handler
+        self._options = options
+        self._channel = channel
+        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()  # fetched, not started
+        self._busy = 0  # workers handling a message
+        self._progress = asyncio.Event()  # a worker took or finished a message
+        self._workers: list[asyncio.Task[None]] = []
+        self._rng = random.Random()
+        self._acks: list[Delivery] = []  # handled, waiting for the flusher: acks are written in batches
+        self._ack_wanted = asyncio.Event()
+        self._acks_closing = False  # set by aclose: write what is left, then stop
+        self._ack_task: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+
+    def start(self) -> None:
+        name = f"{self.topic}-{self.group}"
+        self._loop_task = asyncio.create_task(self._fetch_loop(), name=f"meshkit-fetch-{name}")
+        self._ack_task = asyncio.create_task(self._flush_acks(), name=f"meshkit-acks-{name}")
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"meshkit-worker-{name}-{i}")
+            for i in range(self._options.concurrency)
+        ]
+
+    async def _flush_acks(self) -> None:
+        """Write acks in batches: whatever was handled while the previous batch was being written goes next.
+
+        It is never cancelled: a cancelled write could drop acks that the member's leaving would then turn into
+        redeliveries of handled messages. ``aclose`` asks it to finish instead.
+        """
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            batch, self._acks = self._acks, []
+            if batch:
+                try:
+                    await self._channel.ack(batch)
+                except Exception:
+                    log.exception(
+                        "could not ack a batch; its messages will be delivered again",
+                        extra={"topic": self.topic, "group": self.group, "count": len(batch)},
+                    )
+            if self._acks_closing and not self._acks:
+                return
+
+    async def _fetch_loop(self) -> None:
+        """Keep at most ``concurrency + prefetch`` deliveries fetched and not finished."""
+        opts = self._options
+        queue = self._queue
+        while True:
+            room = opts.concurrency + opts.prefetch - self._busy - queue.qsize()
+            if room > 0 and queue.empty():  # nothing waiting: block for new messages
+                for delivery in await self._channel.fetch(room, opts.poll_interval):
+                    queue.put_nowait(delivery)
+                continue
+            # Fetched messages wait for a worker (or we are full). Clear *before* topping up, so that a worker
+            # taking or finishing a message during the fetch is not missed; then wait for such progress.
+            self._progress.clear()
+            if room > 0:
+                got = await self._channel.fetch(room, 0.0)
+                for delivery in got:
+                    queue.put_nowait(delivery)
+                if got:
+                    continue
+            await self._progress.wait()
+
+    async def _worker(self) -> None:
+        queue = self._queue
+        while True:
+            delivery = await queue.get()
+            if delivery is None:  # closing
+                return
+            self._busy += 1
+            self._progress.set()
+            try:
+                await self._handle(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the handler's own errors are settled in _handle: this is the backend failing
+                log.exception(
+                    "could not settle a delivery; it will be delivered again",
+                    extra={"topic": self.topic, "group": self.group},
+                )
+            finally:
+                self._busy -= 1
+                self._progress.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        retry = self._options.retry
+        assert retry.attempts is not None
+        try:
+            message = self._broker._decode(delivery)
+        except MessageDecodeError as exc:
+            await self._dead_letter(delivery, f"undecodable: {exc}")
+            return
+        try:
+            if "traceparent" in message.headers:
+                with extracted(message.headers):
+                    await self._handler(message)
+            else:
+                await self._handler(message)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._channel.release([delivery]))
+            raise
+        except Exception as exc:
+            self.failed += 1
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivery.attempt >= retry.attempts:
+                await self._dead_letter(delivery, reason)
+                return
+            delay = retry.backoff.delay(delivery.attempt, 0.0, self._rng)
+            log.info(
+                "handler failed; message will be delivered again",
+                extra={
+                    "topic": self.topic,
+                    "group": self.group,
+                    "id": delivery.envelope.id,
+                    "attempt": delivery.attempt,
+                    "delay": delay,
+                    "error": reason,
+                },
+            )
+            await self._channel.nack(delivery, delay)
+            return
+        self._acks.append(delivery)
+        self._ack_wanted.set()
+        self.handled += 1
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        topic = self._options.dead_letter_topic or f"{self.topic}.dlq"
+        extensions = {
+            **delivery.envelope.extensions,
+            "dlqreason": reason[:1000],
+            "dlqtopic": self.topic,
+            "dlqgroup": self.group,
+            "dlqdeliveries": str(delivery.attempt),
+            "dlqid": delivery.envelope.id,
+        }
+        await self._broker._append(topic, [replace(delivery.envelope, extensions=extensions)], dedup=False)
+        await self._channel.ack([delivery])
+        self.dead_lettered += 1
+        log.warning(
+            "message moved to the dead letter topic",
+            extra={
+                "topic": self.topic,
+                "group": self.group,
+                "id": delivery.envelope.id,
+                "dlq": topic,
+                "reason": reason,
+            },
+        )
+
+    async def aclose(self) -> None:
+        """Stop fetching, finish running handlers (cancel them after ``drain_timeout``), leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop_task is not None:  # stop fetching
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        unstarted: list[Delivery] = []
+        while not self._queue.empty():  # fetched but not started: give them back at once
+            item = self._queue.get_nowait()
+            if item is not None:
+                unstarted.append(item)
+        if unstarted:
+            await self._channel.release(unstarted)
+        for _ in self._workers:  # each worker stops after the message it is handling
+            self._queue.put_nowait(None)
+        if self._workers:
+            _, late = await asyncio.wait(self._workers, timeout=self._options.drain_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._ack_task is not None:  # the last acks are written before this member leaves the group
+            self._acks_closing = True
+            self._ack_wanted.set()
+            await self._ack_task
+        await self._channel.aclose()
+
+    def __repr__(self) -> str:
+        return f"Subscription(topic={self.topic!r}, group={self.group!r}, handled={self.handled})"

@@ -1,0 +1,94 @@
+"""What a messaging backend implements: a few primitives. The consumer runtime and the public ``Broker`` are shared.
+
+A backend stores :class:`~meshkit.messaging.message.Envelope` values per topic and hands them to consumer groups:
+
+- ``append(topic, envelopes)``: store, in order (dropping ids seen within the dedup window if it can).
+- ``group(topic, group, start)`` → a :class:`GroupChannel`: one member's view of a consumer group. Members of one
+  group compete for messages; every group gets every message.
+
+A :class:`GroupChannel` must keep these promises, which the conformance suite (``meshkit.messaging.testing``) checks:
+
+1. at-least-once: a fetched message is delivered again (to some member) until it is acked or dead-lettered;
+2. per-key order: a group never has two deliveries of one key in flight, and a nacked message keeps its key until
+   it is acked, so messages of one key are handled in publish order;
+3. ``nack(delivery, delay)`` makes the message available again after ``delay`` seconds with ``attempt + 1``;
+4. ``release(deliveries)`` gives back deliveries that were fetched but never handled, at once and without counting
+   an attempt.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from meshkit.messaging.message import Envelope
+
+__all__ = ["Backend", "Capabilities", "Delivery", "GroupChannel", "StartFrom"]
+
+#: Where a new consumer group starts: the oldest message kept, only messages published from now on, an offset,
+#: or a time. Backends without a log support only ``"earliest"`` for groups that exist before publishing.
+StartFrom = Literal["earliest", "latest"] | int | datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do, so tests and users know what to expect."""
+
+    replay: bool  # keeps a log: a new group can start from the beginning, an offset or a time
+    dedup: bool  # drops a republished id within the dedup window
+    durable: bool  # survives the process
+    multi_process: bool  # several processes can share it
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of one message to one member of a group."""
+
+    topic: str
+    group: str
+    envelope: Envelope
+    offset: int
+    attempt: int  # 1 for the first delivery
+
+
+class GroupChannel(abc.ABC):
+    """One member's view of a consumer group (see the module docstring for its promises)."""
+
+    @abc.abstractmethod
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        """Up to ``limit`` deliveries; waits up to ``wait`` seconds for the first one. Empty means none came."""
+
+    @abc.abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Done with these: never deliver them to this group again."""
+
+    @abc.abstractmethod
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        """Handling failed: deliver again after ``delay`` seconds."""
+
+    @abc.abstractmethod
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Fetched but never handled: available again at once, no attempt counted."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Leave the group; whatever this member still holds becomes available to the others."""
+
+
+class Backend(abc.ABC):
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    async def append(self, topic: str, envelopes: Sequence[Envelope]) -> None:
+        """Store ``envelopes`` on ``topic`` in order."""
+
+    @abc.abstractmethod
+    async def group(self, topic: str, group: str, start: StartFrom) -> GroupChannel:
+        """Join ``group`` on ``topic`` (creating it at ``start`` if it is new)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release every resource."""

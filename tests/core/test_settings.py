@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshkit._core.settings import load_settings
+from meshkit.errors import SettingsError
+
+NO_ENV: dict[str, str] = {}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "meshkit.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env=NO_ENV)
+    assert settings.broker.url == "sqlite:///.meshkit/broker.db"
+    assert settings.log.level == "INFO"
+    assert settings.source_of("broker.url") == "default"
+
+
+def test_each_layer_overrides_the_one_below(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[broker]\nurl = "redis://file"\n\n[registry]\nurl = "redis://file"\n[log]\nlevel = "debug"\n'
+    )
+    env = {"MESHKIT_REGISTRY__URL": "etcd://env", "MESHKIT_LOG__LEVEL": "warning"}
+    settings = load_settings(path, env=env, overrides={"log.level": "error"})
+    assert settings.broker.url == "redis://file"
+    assert settings.registry.url == "etcd://env"
+    assert settings.log.level == "ERROR"
+    assert settings.database.url == "sqlite:///.meshkit/data.db"
+    assert settings.source_of("broker.url") == "meshkit.toml:2"
+    assert settings.source_of("registry.url") == "environment variable MESHKIT_REGISTRY__URL"
+    assert settings.source_of("log.level") == "argument"
+    assert settings.source_of("database.url") == "default"
+
+
+def test_overrides_take_nested_dicts_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env=NO_ENV, overrides={"tracing": {"sample_ratio": 0.25, "enabled": False}})
+    assert (settings.tracing.sample_ratio, settings.tracing.enabled) == (0.25, False)
+    assert settings.source_of("tracing.sample_ratio") == "argument"
+
+
+def test_the_default_file_is_found_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, '[broker]\nurl = "memory://"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(env=NO_ENV).broker.url == "memory://"
+    other = tmp_path / "other.toml"
+    other.write_text('[broker]\nurl = "nats://x"\n')
+    assert load_settings(env={"MESHKIT_CONFIG": str(other)}).broker.url == "nats://x"
+
+
+def test_an_unknown_top_level_table_names_file_line_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, '[broker]\nurl = "memory://"\n\n[brokr]\nurl = "x"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert info.value.key == "brokr"
+    assert info.value.source == "meshkit.toml:4"
+    assert info.value.hint == "did you mean 'broker'?"
+    assert "unknown setting 'brokr'" in str(info.value)
+
+
+def test_an_unknown_nested_key_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "# comment\n[tracing]\nenabled = true\nsample_rate = 0.5\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert (info.value.key, info.value.source) == ("tracing.sample_rate", "meshkit.toml:4")
+    assert info.value.hint == "did you mean 'tracing.sample_ratio'?"
+
+
+def test_dotted_keys_in_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'broker.url = "redis://dotted"\nlog.levl = "INFO"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert (info.value.key, info.value.source) == ("log.levl", "meshkit.toml:2")
+
+
+def test_an_unknown_key_with_nothing_close_lists_the_known_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, "[log]\nzzz = 1\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert info.value.hint == "known keys here: level, format"
+
+
+def test_an_unknown_environment_variable_is_named_with_a_suggestion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"MESHKIT_BROKR__URL": "redis://x"})
+    assert info.value.source == "environment variable MESHKIT_BROKR__URL"
+    assert info.value.hint == "did you mean MESHKIT_BROKER__URL?"
+    with pytest.raises(SettingsError, match="names a section") as info:
+        load_settings(env={"MESHKIT_BROKER": "redis://x"})
+    assert info.value.hint == "set one of its keys: MESHKIT_BROKER__URL"
+    # process switches are not settings
+    assert load_settings(env={"MESHKIT_DEBUG": "1", "MESHKIT_SOAK": "1"}).broker.url.startswith("sqlite")
+
+
+def test_bad_values_name_key_source_and_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"MESHKIT_TRACING__SAMPLE_RATIO": "2"})
+    assert info.value.key == "tracing.sample_ratio"
+    assert info.value.source == "environment variable MESHKIT_TRACING__SAMPLE_RATIO"
+    assert "less than or equal to 1" in str(info.value)
+
+    path = write(tmp_path, '[broker]\nurl = "mqtt://x"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert info.value.source == "meshkit.toml:2"
+    assert "unknown scheme 'mqtt'" in str(info.value) and "redis://" in str(info.value)
+
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV, overrides={"broker.url": "memory://", "log.level": "LOUD"})
+    assert (info.value.key, info.value.source) == ("log.level", "argument")
+
+    with pytest.raises(SettingsError, match="unknown setting 'brokerz'"):
+        load_settings(path, env=NO_ENV, overrides={"brokerz": 1})
+
+
+def test_toml_syntax_errors_name_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[broker]\nurl = "unterminated\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert info.value.source == "meshkit.toml:2"
+    assert "not valid TOML" in str(info.value)
+
+
+def test_a_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env=NO_ENV)
+
+
+def test_settings_are_frozen_and_flat_lists_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env=NO_ENV)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.broker.url = "x"
+    assert list(settings.flat()) == [
+        "broker.url",
+        "registry.url",
+        "database.url",
+        "log.level",
+        "log.format",
+        "tracing.enabled",
+        "tracing.endpoint",
+        "tracing.sample_ratio",
+    ]
+    with pytest.raises(KeyError):
+        settings.source_of("nope")
