@@ -14,6 +14,7 @@ publish order. docs/messaging.md has the details and the wire format.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,10 +42,15 @@ __all__ = [
     "connect",
 ]
 
-_PLANNED = {
+#: URL scheme -> the backend module that opens it (``from_url(url, **options) -> Backend``). Modules load on demand,
+#: so a missing optional driver only matters to the URL that needs it.
+_BACKENDS = {
+    "memory": "memory",
+    "sqlite": "sqlite",
     "redis": "redis",
     "rediss": "redis",
     "nats": "nats",
+    "tls": "nats",
     "amqp": "rabbitmq",
     "amqps": "rabbitmq",
     "kafka": "kafka",
@@ -62,34 +68,26 @@ def connect(
     """A broker for ``url``. Use it as ``async with connect(url) as broker:``.
 
     ``memory://`` is in-process. ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (SQLAlchemy's
-    convention) is the embedded durable default. ``codec`` encodes data (JSON by default: JSON values, pydantic
-    models, dataclasses; subclass :class:`JsonCodec` for another format). ``options`` go to the backend
-    (memory: ``dedup_window``, ``retention``; SQLite: also ``visibility_timeout``, ``batch``).
+    convention) is the embedded durable default. ``redis://``, ``nats://``, ``amqp://`` and ``kafka://`` reach
+    servers (each needs its extra: ``pip install 'meshkit[redis]'``). ``codec`` encodes data (JSON by default: JSON
+    values, pydantic models, dataclasses; subclass :class:`JsonCodec` for another format). ``options`` go to the
+    backend (docs/messaging.md lists each backend's).
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    if scheme == "memory":
-        from meshkit.messaging.memory import MemoryBackend  # noqa: PLC0415 - backends load on demand
-
-        memory = MemoryBackend(**options)
-        return Broker(memory, source=source, codec=codec, max_message_bytes=max_message_bytes)
-    if scheme == "sqlite":
-        from meshkit.messaging.sqlite import SqliteBackend  # noqa: PLC0415
-
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if parts.netloc or not path:
-            raise ConfigurationError(
-                f"bad SQLite broker URL {url!r}",
-                hint="use sqlite:///relative/path.db or sqlite:////absolute/path.db",
-            )
-        backend = SqliteBackend(path, **options)
-        return Broker(backend, source=source, codec=codec, max_message_bytes=max_message_bytes)
-    if scheme in _PLANNED:
+    scheme = urlsplit(url).scheme
+    name = _BACKENDS.get(scheme)
+    if name is None:
+        raise ConfigurationError(
+            f"unknown broker URL scheme {scheme!r} in {url!r}",
+            hint="use one of memory://, sqlite:///path, redis://, nats://, amqp://, kafka://",
+        )
+    try:
+        module = importlib.import_module(f"meshkit.messaging.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"meshkit.messaging.{name}":
+            raise
         raise ConfigurationError(
             f"the {scheme}:// broker backend is not available in this version of meshkit",
-            hint="use memory:// for now; the embedded SQLite and the server backends are on the roadmap",
-        )
-    raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {url!r}",
-        hint="use one of memory://, sqlite:///path, redis://, nats://, amqp://, kafka://",
-    )
+            hint="use memory:// or sqlite:///path",
+        ) from exc
+    backend: Backend = module.from_url(url, **options)
+    return Broker(backend, source=source, codec=codec, max_message_bytes=max_message_bytes)

@@ -15,12 +15,13 @@ import bisect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
 from meshkit.messaging.message import Envelope
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryBackend", "from_url"]
 
 
 @dataclass
@@ -231,3 +232,8 @@ class _MemoryChannel(GroupChannel):
             self._settle(offset, requeue=True, count=False)
         self._closed = True
         self._g.wake.set()
+
+
+def from_url(url: str, **options: Any) -> MemoryBackend:
+    """``memory://``: options are :class:`MemoryBackend`'s keyword arguments."""
+    return MemoryBackend(**options)

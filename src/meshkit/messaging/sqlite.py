@@ -34,13 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit.errors import ConfigurationError
 from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
 from meshkit.messaging.message import Envelope
 
-__all__ = ["SqliteBackend"]
+__all__ = ["SqliteBackend", "from_url"]
 
 T = TypeVar("T")
 
@@ -417,3 +418,14 @@ class _SqliteChannel(GroupChannel):
                 )
 
         await self._b._run(leave)
+
+
+def from_url(url: str, **options: Any) -> SqliteBackend:
+    """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (SQLAlchemy's convention)."""
+    parts = urlsplit(url)
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.netloc or not path:
+        raise ConfigurationError(
+            f"bad SQLite broker URL {url!r}", hint="use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    return SqliteBackend(path, **options)
