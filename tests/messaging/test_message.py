@@ -81,7 +81,5 @@ def test_connect_names_what_to_fix() -> None:
     with pytest.raises(ConfigurationError, match="unknown broker URL scheme 'mqtt'") as info:
         connect("mqtt://localhost")
     assert info.value.hint is not None and "memory://" in info.value.hint
-    with pytest.raises(ConfigurationError, match="not available in this version"):
-        connect("nats://localhost:4222")
     with pytest.raises(ConfigurationError, match="bad SQLite broker URL"):
         connect("sqlite://host/x.db")

@@ -27,6 +27,7 @@ from meshkit.errors import MessageDecodeError
 __all__ = ["Envelope", "JsonCodec", "Message", "decode_structured", "encode_structured"]
 
 _EXTENSION = re.compile(r"^[a-z0-9]{1,20}$")
+_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
 _STANDARD = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64")
 
 
@@ -90,8 +91,16 @@ class JsonCodec:
     """JSON for data: plain JSON values, pydantic models and dataclasses (as their fields); bytes stay bytes."""
 
     content_type = "application/json"
+    # one encoder and decoder for every call: json.dumps with arguments builds a new encoder each time
+    _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    _loads = json.JSONDecoder().decode
 
     def encode(self, data: Any) -> tuple[bytes, str]:
+        if type(data) in _JSON_TYPES:  # the common case first: plain JSON values
+            try:
+                return self._dumps(data).encode(), self.content_type
+            except (TypeError, ValueError):
+                pass  # a dict holding something else: the full path below says what
         if isinstance(data, bytes | bytearray | memoryview):
             return bytes(data), "application/octet-stream"
         dump = getattr(data, "model_dump", None)
@@ -100,7 +109,7 @@ class JsonCodec:
         elif dataclasses.is_dataclass(data) and not isinstance(data, type):
             data = dataclasses.asdict(data)
         try:
-            return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), self.content_type
+            return self._dumps(data).encode(), self.content_type
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"cannot encode {type(data).__name__} as JSON: {exc}; pass JSON values, a pydantic model, "
@@ -113,7 +122,7 @@ class JsonCodec:
         if not content_type.startswith("application/json") and not content_type.endswith("+json"):
             return data
         try:
-            return json.loads(data)
+            return self._loads(data.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MessageDecodeError(f"data is not valid JSON ({content_type}): {exc}") from exc
 

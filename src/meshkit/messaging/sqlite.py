@@ -77,21 +77,20 @@ CREATE TABLE IF NOT EXISTS deliveries (
     due REAL NOT NULL,
     owner TEXT,
     PRIMARY KEY (topic, grp, seq)
-);
-CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (topic, grp, key, seq);
-CREATE INDEX IF NOT EXISTS deliveries_by_owner ON deliveries (owner);
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (topic, grp, key, seq) WHERE key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     topic TEXT NOT NULL,
     id TEXT NOT NULL,
     at REAL NOT NULL,
     PRIMARY KEY (topic, id)
-);
+) WITHOUT ROWID;
 """
 
 _CLAIM = """
 UPDATE deliveries SET leased = 1, owner = :owner, due = :lease_until, attempts = attempts + 1
-WHERE rowid IN (
-    SELECT d.rowid FROM deliveries d
+WHERE topic = :topic AND grp = :grp AND seq IN (
+    SELECT d.seq FROM deliveries d
     WHERE d.topic = :topic AND d.grp = :grp AND d.leased = 0 AND d.due <= :now
       AND (d.key IS NULL OR d.seq = (SELECT MIN(k.seq) FROM deliveries k
                                       WHERE k.topic = d.topic AND k.grp = d.grp AND k.key = d.key))
@@ -101,6 +100,8 @@ RETURNING seq, attempts
 """
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.JSONDecoder().decode
 _BUSY_WAIT = 30.0  # seconds a writer keeps trying for the lock before the error surfaces
 
 
@@ -206,7 +207,7 @@ class SqliteBackend(Backend):
                 e.time,
                 e.datacontenttype,
                 e.subject,
-                json.dumps(dict(e.extensions)) if e.extensions else "{}",
+                _dumps(dict(e.extensions)) if e.extensions else "{}",
                 e.data,
             )
             for e in envelopes
@@ -216,12 +217,19 @@ class SqliteBackend(Backend):
 
         def write(db: sqlite3.Connection) -> None:
             with _write(db):
+                # one statement records every id and returns those not seen within the window
+                new = {
+                    id_
+                    for (id_,) in db.execute(
+                        "INSERT INTO dedup (topic, id, at) SELECT ?, value, ? FROM json_each(?) WHERE true"
+                        " ON CONFLICT DO NOTHING RETURNING id",
+                        (topic, wall, _dumps([row[1] for row in rows])),
+                    )
+                }
                 fresh = []
                 for row in rows:
-                    cur = db.execute(
-                        "INSERT OR IGNORE INTO dedup (topic, id, at) VALUES (?, ?, ?)", (topic, row[1], wall)
-                    )
-                    if cur.rowcount:
+                    if row[1] in new:
+                        new.discard(row[1])  # an id twice in one batch is stored once too
                         fresh.append(row)
                 db.executemany(
                     "INSERT INTO messages (topic, id, key, created, source, type, time, datacontenttype, subject,"
@@ -330,20 +338,12 @@ class _SqliteChannel(GroupChannel):
                     " WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
                     (json.dumps(list(attempts)),),
                 ).fetchall()
+        topic, group = self._topic, self._group
         return [
             Delivery(
-                self._topic,
-                self._group,
-                Envelope(
-                    id=r[1],
-                    source=r[2],
-                    type=r[3],
-                    time=r[4],
-                    datacontenttype=r[5],
-                    data=bytes(r[8]),
-                    subject=r[6],
-                    extensions=json.loads(r[7]) if r[7] != "{}" else {},
-                ),
+                topic,
+                group,
+                Envelope(r[1], r[2], r[3], r[4], r[5], r[8], r[6], _loads(r[7]) if r[7] != "{}" else {}),
                 r[0],
                 attempts[r[0]],
             )
@@ -383,9 +383,18 @@ class _SqliteChannel(GroupChannel):
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         # acked is done, whoever holds the lease now: the message is never delivered to this group again
-        await self._settle(
-            "DELETE FROM deliveries WHERE topic = :topic AND grp = :grp AND seq = :seq", [d.offset for d in deliveries]
-        )
+        if not deliveries:
+            return
+        params = (self._topic, self._group, _dumps([d.offset for d in deliveries]))
+
+        def write(db: sqlite3.Connection) -> None:
+            with _write(db):
+                db.execute(
+                    "DELETE FROM deliveries WHERE topic = ? AND grp = ? AND seq IN (SELECT value FROM json_each(?))",
+                    params,
+                )
+
+        await self._b._run(write)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         await self._settle(
@@ -413,8 +422,9 @@ class _SqliteChannel(GroupChannel):
         def leave(db: sqlite3.Connection) -> None:
             with _write(db):
                 db.execute(
-                    "UPDATE deliveries SET leased = 0, owner = NULL, due = 0, attempts = attempts - 1 WHERE owner = ?",
-                    (owner,),
+                    "UPDATE deliveries SET leased = 0, owner = NULL, due = 0, attempts = attempts - 1"
+                    " WHERE topic = ? AND grp = ? AND owner = ?",
+                    (self._topic, self._group, owner),
                 )
 
         await self._b._run(leave)
