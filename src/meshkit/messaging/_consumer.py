@@ -127,8 +127,10 @@ class Subscription:
         """Keep at most ``concurrency + prefetch`` deliveries fetched and not finished."""
         opts = self._options
         queue = self._queue
+        capacity = opts.concurrency + opts.prefetch
+        refill = max(1, capacity // 2)  # top up in batches: one fetch per message would cost a round trip each
         while True:
-            room = opts.concurrency + opts.prefetch - self._busy - queue.qsize()
+            room = capacity - self._busy - queue.qsize()
             if room > 0 and queue.empty():  # nothing waiting: block for new messages
                 for delivery in await self._channel.fetch(room, opts.poll_interval):
                     queue.put_nowait(delivery)
@@ -136,7 +138,7 @@ class Subscription:
             # Fetched messages wait for a worker (or we are full). Clear *before* topping up, so that a worker
             # taking or finishing a message during the fetch is not missed; then wait for such progress.
             self._progress.clear()
-            if room > 0:
+            if room >= refill:
                 got = await self._channel.fetch(room, 0.0)
                 for delivery in got:
                     queue.put_nowait(delivery)

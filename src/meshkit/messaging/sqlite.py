@@ -302,34 +302,45 @@ class _SqliteChannel(GroupChannel):
         self._topic = topic
         self._group = group
         self._owner = uuid.uuid4().hex  # this member's name on its leases
+        self._next_expiry = 0.0  # when to look for expired leases again
         self._closed = False
+
+    @staticmethod
+    def _take_from_log(db: sqlite3.Connection, params: dict[str, str], count: int) -> bool:
+        """Move up to ``count`` log rows past the group's cursor into its pool; False if there were none."""
+        (cursor,) = db.execute("SELECT cursor FROM groups WHERE topic = :topic AND grp = :grp", params).fetchone()
+        moved = db.execute(
+            "INSERT INTO deliveries (topic, grp, seq, key, attempts, leased, due, owner)"
+            " SELECT topic, :grp, seq, key, 0, 0, 0, NULL FROM messages WHERE topic = :topic AND seq > :cursor"
+            " ORDER BY seq LIMIT :count RETURNING seq",
+            {**params, "cursor": cursor, "count": count},
+        ).fetchall()
+        if moved:
+            db.execute(
+                "UPDATE groups SET cursor = :cursor WHERE topic = :topic AND grp = :grp",
+                {**params, "cursor": max(seq for (seq,) in moved)},
+            )
+        return bool(moved)
 
     def _claim(self, db: sqlite3.Connection, limit: int) -> list[Delivery]:
         b = self._b
         now = time.time()  # leases are read by other processes: wall time, not this process's monotonic clock
         params = {"topic": self._topic, "grp": self._group}
         with _write(db):
-            db.execute(
-                "UPDATE deliveries SET leased = 0, owner = NULL WHERE topic = :topic AND grp = :grp AND leased = 1"
-                " AND due <= :now",
-                {**params, "now": now},
-            )
-            (cursor,) = db.execute("SELECT cursor FROM groups WHERE topic = :topic AND grp = :grp", params).fetchone()
-            moved = db.execute(
-                "INSERT INTO deliveries (topic, grp, seq, key, attempts, leased, due, owner)"
-                " SELECT topic, :grp, seq, key, 0, 0, 0, NULL FROM messages WHERE topic = :topic AND seq > :cursor"
-                " ORDER BY seq LIMIT :batch RETURNING seq",
-                {**params, "cursor": cursor, "batch": max(b.batch, limit)},
-            ).fetchall()
-            if moved:
+            if now >= self._next_expiry:  # leases of dead members go back to the pool (a scan: not on every fetch)
+                self._next_expiry = now + min(1.0, b.visibility_timeout / 4)
                 db.execute(
-                    "UPDATE groups SET cursor = :cursor WHERE topic = :topic AND grp = :grp",
-                    {**params, "cursor": max(seq for (seq,) in moved)},
+                    "UPDATE deliveries SET leased = 0, owner = NULL WHERE topic = :topic AND grp = :grp AND leased = 1"
+                    " AND due <= :now",
+                    {**params, "now": now},
                 )
-            claimed = db.execute(
-                _CLAIM,
-                {**params, "owner": self._owner, "now": now, "lease_until": now + b.visibility_timeout, "limit": limit},
-            ).fetchall()
+            claim = {**params, "owner": self._owner, "now": now, "lease_until": now + b.visibility_timeout}
+            claimed = db.execute(_CLAIM, {**claim, "limit": limit}).fetchall()
+            # Take new log rows into the group's pool only when the pool runs short: the pool stays about one
+            # batch deep whatever the backlog, so every statement here costs the same with 10 or 10 million
+            # messages waiting (moving a batch on every fetch made the pool, and each fetch, grow with the log).
+            if len(claimed) < limit and self._take_from_log(db, params, max(b.batch, limit)):
+                claimed += db.execute(_CLAIM, {**claim, "limit": limit - len(claimed)}).fetchall()
             rows = []
             if claimed:
                 attempts = dict(claimed)
