@@ -5,7 +5,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit soak bench clean venv
+.PHONY: demo test lint typecheck unit soak bench bench-brokers clean venv
 
 $(STAMP): pyproject.toml constraints.txt scripts/python.sh
 	@test -x $(BIN)/python || "$$(scripts/python.sh)" -m venv $(VENV)
@@ -39,6 +39,10 @@ soak: venv
 bench: venv
 	$(BIN)/python benchmarks/resilience.py
 	$(BIN)/python benchmarks/messaging.py
+
+bench-brokers: venv
+	scripts/ensure-services.sh
+	$(BIN)/python benchmarks/messaging.py --broker redis,nats,rabbitmq,kafka
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,25 +1,30 @@
-"""Messaging throughput and latency: meshkit's memory and SQLite backends, beside litequeue and persist-queue.
+"""Messaging throughput and latency: meshkit beside its peers, one table per setup.
 
     .venv/bin/python benchmarks/messaging.py [--count 100000] [--e2e-count 50000] [--skip-inprocess]
+    .venv/bin/python benchmarks/messaging.py --broker redis,nats,rabbitmq,kafka [--count 100000] [--only ...]
 
-Part 1, in one process, for memory:// and sqlite:// and 64 B / 4 KiB payloads: publish throughput (windowed:
-batches of 500; sequential: one awaited publish at a time, on a tenth of the messages), consume+ack throughput
-with a trivial handler, and end-to-end latency p50/p99 at a fixed moderate rate (2,000 msgs/s for 2 s).
+Embedded (the default), part 1, in one process, for memory:// and sqlite:// and 64 B / 4 KiB payloads: publish
+throughput (windowed: batches of 500; sequential: one awaited publish at a time, on a tenth of the messages),
+consume+ack throughput with a trivial handler, and end-to-end latency p50/p99 at a fixed moderate rate (2,000
+msgs/s for 2 s). Part 2, the SQLite setup of issue 4: ``--e2e-count`` 64 B messages through one SQLite file, 1
+producer process and 2 consumer processes, for meshkit, litequeue (``put`` / ``get`` + ``done``) and
+persist-queue's ``SQLiteAckQueue`` (``put`` / ``get`` + ``ack``; not safe across processes, so its duplicates are
+counted). End-to-end rate = messages / (last message handled - producer start). Also: duplicates, lost, and each
+consumer's share.
 
-Part 2, the issue's setup: ``--e2e-count`` 64 B messages through one SQLite file, 1 producer process and 2
-consumer processes, for meshkit, litequeue (``put`` / ``get`` + ``done``) and persist-queue's ``SQLiteAckQueue``
-(``put`` / ``get`` + ``ack``; not safe across processes, so its duplicates are counted). End-to-end rate = messages
-/ (last message handled - producer start). Also: duplicates, lost, and each consumer's share.
+``--broker NAME``: the same measurements (``_harness.py`` says exactly what each column is) on a real broker, for
+the raw driver at its best, meshkit and FastStream, in one run; ``broker_<name>.py`` holds the peers and what is
+particular to that broker. The URL defaults to this machine's server (``--url`` or ``MESHKIT_<NAME>_URL``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,64 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _harness
+
 HERE = Path(__file__).resolve()
-
-
-# -- part 1: in one process ----------------------------------------------------------------------------------------
-
-
-async def inprocess(url: str, count: int, size: int) -> dict[str, float]:
-    from meshkit.messaging import Message, SubscriptionOptions, connect
-
-    pad = "x" * max(size - 20, 0)
-    result: dict[str, float] = {}
-    async with connect(url, max_message_bytes=10 * size + 1024) as broker:
-        start = time.perf_counter()
-        for i in range(0, count, 500):
-            await broker.publish_batch("bench", [{"n": n, "p": pad} for n in range(i, min(i + 500, count))])
-        result["publish windowed"] = count / (time.perf_counter() - start)
-        seq = max(count // 10, 1)
-        start = time.perf_counter()
-        for n in range(seq):
-            await broker.publish("bench.seq", {"n": n, "p": pad})
-        result["publish sequential"] = seq / (time.perf_counter() - start)
-
-        handled = 0
-        done = asyncio.Event()
-
-        async def handle(message: Message) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == count:
-                done.set()
-
-        start = time.perf_counter()
-        await broker.subscribe("bench", handle, group="g", options=SubscriptionOptions(concurrency=256, prefetch=512))
-        await asyncio.wait_for(done.wait(), 600)
-        result["consume+ack"] = count / (time.perf_counter() - start)
-
-        latencies: list[float] = []
-        rate, seconds = 2000, 2.0
-        all_in = asyncio.Event()
-
-        async def timed(message: Message) -> None:
-            latencies.append(time.time() - message.data["t"])
-            if len(latencies) >= rate * seconds:
-                all_in.set()
-
-        options = SubscriptionOptions(concurrency=64, prefetch=64, poll_interval=0.05)
-        await broker.subscribe("bench.latency", timed, group="g", options=options)
-        start = time.perf_counter()
-        for n in range(int(rate * seconds)):
-            await broker.publish("bench.latency", {"n": n, "t": time.time(), "p": pad})
-            ahead = start + (n + 1) / rate - time.perf_counter()
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-        await asyncio.wait_for(all_in.wait(), 120)
-        q = statistics.quantiles(latencies, n=100)
-        result["latency p50 ms"] = q[49] * 1000
-        result["latency p99 ms"] = q[98] * 1000
-    return result
 
 
 # -- part 2: processes on one SQLite file --------------------------------------------------------------------------
@@ -231,6 +181,26 @@ def end_to_end(kind: str, count: int) -> dict[str, Any]:
     }
 
 
+BROKERS = ("redis", "nats", "rabbitmq", "kafka")
+
+
+def on_broker(name: str, url: str | None, count: int, only: list[str]) -> None:
+    """One table: the raw driver, meshkit and FastStream on one broker, then meshkit's ratios to each."""
+    module: Any = importlib.import_module(f"broker_{name}")
+    plan = _harness.Plan(count=count, **module.PLAN)
+    url = url or os.environ.get(f"MESHKIT_{name.upper()}_URL", module.URL)
+    print(f"\n## {module.TITLE}: {count:,} x {plan.size} B ({url})\n")
+    print(_harness.table_head())
+    results: dict[str, dict[str, float]] = {}
+    with module.contenders(url, plan) as contenders:
+        for contender in only:
+            results[contender] = asyncio.run(contenders[contender]())
+            print(_harness.table_row(contender, results[contender]), flush=True)
+    print()
+    for line in _harness.ratios(results):
+        print(line)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         role, kind, *rest = sys.argv[2:]
@@ -244,26 +214,29 @@ def main() -> None:
     parser.add_argument("--e2e-count", type=int, default=50_000)
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--queues", default="meshkit,litequeue,persist-queue", help="which queues run end to end")
+    parser.add_argument("--broker", help=f"compare on real brokers instead: any of {','.join(BROKERS)}")
+    parser.add_argument("--url", help="the broker's URL (with one --broker)")
+    parser.add_argument("--only", default="raw,meshkit,faststream", help="which contenders run on a broker")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores", file=sys.stderr)
+    if args.broker:
+        names = args.broker.split(",")
+        unknown = [n for n in names if n not in BROKERS]
+        if unknown or (args.url and len(names) > 1):
+            parser.error(f"unknown broker {unknown}" if unknown else "--url goes with one --broker")
+        for name in names:
+            on_broker(name, args.url, args.count, args.only.split(","))
+        return
 
     if not args.skip_inprocess:
         print(f"\n## In one process: {args.count} messages\n")
-        print(
-            "| backend | payload | publish windowed msgs/s | publish sequential msgs/s | consume+ack msgs/s "
-            "| latency p50 ms | latency p99 ms |"
-        )
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print(_harness.table_head())
         for backend in ("memory", "sqlite"):
             for size in (64, 4096):
                 folder = tempfile.mkdtemp(prefix="bench-inproc-")
                 url = "memory://" if backend == "memory" else f"sqlite:///{folder}/b.db"
-                r = asyncio.run(inprocess(url, args.count, size))
-                print(
-                    f"| {backend} | {size} B | {r['publish windowed']:,.0f} | {r['publish sequential']:,.0f} "
-                    f"| {r['consume+ack']:,.0f} | {r['latency p50 ms']:.2f} | {r['latency p99 ms']:.2f} |",
-                    flush=True,
-                )
+                r = asyncio.run(_harness.meshkit(url, _harness.Plan(count=args.count, size=size)))
+                print(_harness.table_row(f"{backend}, {size} B", r), flush=True)
 
     print(f"\n## One SQLite file, 1 producer + 2 consumer processes: {args.e2e_count} x 64 B\n")
     print("| queue | end-to-end msgs/s | duplicates | lost | per consumer |")

@@ -9,12 +9,13 @@ from collections.abc import Callable
 DEADLINE = 30.0
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE, *, every: float = 0.001) -> None:
+    """The blocking twin of :func:`meshkit.testing.eventually`, for threads and server start-ups."""
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
+        time.sleep(every)
 
 
 class Gauge:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
@@ -29,13 +30,23 @@ log = logging.getLogger("meshkit.testing")
 DEADLINE = 60.0
 
 
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Wait until ``condition()`` holds, checking often; fail naming ``what`` after ``timeout`` seconds."""
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = DEADLINE, *, every: float = 0.005
+) -> None:
+    """Wait until ``condition()`` holds, checking every ``every`` seconds; fail naming ``what`` after ``timeout``.
+
+    ``condition`` may be a coroutine function (e.g. one that asks a broker), awaited on each check.
+    """
     end = time.monotonic() + timeout
-    while not condition():
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(every)
 
 
 def fails_first_and_every(first: int = 2, every: int = 5) -> Callable[[int], bool]:
