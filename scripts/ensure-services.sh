@@ -6,6 +6,18 @@ set -uo pipefail
 
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+install_package() {  # a server missing on this machine: install Debian's package (CI machines are Debian)
+  local package=$1
+  if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+    echo "ensure-services: error: $package is not installed and cannot be installed here (needs root and apt-get)" >&2
+    return 1
+  fi
+  echo "ensure-services: installing $package (apt-get)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package" >/dev/null 2>&1; } \
+    || { echo "ensure-services: error: apt-get install $package failed" >&2; return 1; }
+}
+
 start() {  # name port command...
   local name=$1 port=$2
   shift 2
@@ -13,9 +25,8 @@ start() {  # name port command...
     return 0
   fi
   echo "ensure-services: $name is not answering on 127.0.0.1:$port; starting it" >&2
-  if ! command -v "$1" >/dev/null 2>&1; then
-    echo "ensure-services: error: $1 is not installed; the $name tests need it (apt-get install $name)" >&2
-    return 1
+  if ! command -v "$name" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$name" ]; then
+    install_package "$name" || return 1
   fi
   "$@" >/dev/null 2>&1 || true
   for _ in $(seq 1 120); do

@@ -10,7 +10,14 @@ import pytest
 
 import meshkit
 
-PUBLIC_MODULES = ["meshkit", "meshkit.errors", "meshkit.resilience", "meshkit.testing", "meshkit._core.clock"]
+PUBLIC_MODULES = [
+    "meshkit",
+    "meshkit.errors",
+    "meshkit.resilience",
+    "meshkit.testing",
+    "meshkit.messaging",
+    "meshkit.discovery",
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)

@@ -5,6 +5,7 @@ The public surface is re-exported here and in the public subpackages (``meshkit.
 logging configuration.
 """
 
+from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._version import __version__
 from meshkit.errors import (
     BulkheadFull,
@@ -36,6 +37,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitBreaker",
     "CircuitOpen",
+    "Clock",
     "ConfigurationError",
     "Constant",
     "Exponential",
@@ -43,6 +45,7 @@ __all__ = [
     "Linear",
     "MeshkitError",
     "MissingDependency",
+    "MonotonicClock",
     "RateLimited",
     "RateLimiter",
     "Rejected",

@@ -76,10 +76,14 @@ def test_bad_environment_and_missing_file(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_usage_errors_keep_clicks_format(tmp_path: Path) -> None:
+def test_usage_errors_read_like_every_other_error(tmp_path: Path) -> None:
     out = run(["config", "--bogus"], tmp_path)
     assert out.returncode == 2
-    assert "No such option" in out.stderr
+    assert out.stderr.splitlines() == ["error: No such option: --bogus", "hint: see 'meshkit config --help'"]
+    out = run(["bogus"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0] == "error: No such command 'bogus'."
+    assert "Traceback" not in out.stderr
 
 
 def test_unexpected_errors_are_one_line_unless_debugging(

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshkit.errors import BulkheadFull, CircuitOpen, Unavailable
-from meshkit.resilience import Constant, Exponential, Linear, Retry, RetryAttempt, RetryGaveUp
+from meshkit.resilience import Backoff, Constant, Exponential, Linear, Retry, RetryAttempt, RetryGaveUp
 from meshkit.resilience.events import Event
 from meshkit.testing import FakeClock
 
@@ -223,7 +223,16 @@ def test_bad_retry_values_are_refused(options: dict[str, Any], message: str) -> 
         Retry(**options)
 
 
+#: each strategy's un-jittered delay before retry n (1-based), written out independently of the code under test
+STRATEGIES: dict[str, Callable[[float, int], float]] = {
+    "constant": lambda initial, n: initial,
+    "linear": lambda initial, n: initial * n,  # Linear(initial, step=initial)
+    "exponential": lambda initial, n: initial * 2 ** (n - 1),
+}
+
+
 @given(
+    strategy=st.sampled_from(sorted(STRATEGIES)),
     jitter=st.sampled_from(["none", "full", "equal", "decorrelated"]),
     initial=st.floats(0.001, 2.0),
     cap=st.floats(0.5, 20.0),
@@ -231,10 +240,16 @@ def test_bad_retry_values_are_refused(options: dict[str, Any], message: str) -> 
     seed=st.integers(0, 2**32 - 1),
 )
 def test_retry_sleeps_stay_within_the_jitter_bounds(
-    jitter: str, initial: float, cap: float, attempts: int, seed: int
+    strategy: str, jitter: str, initial: float, cap: float, attempts: int, seed: int
 ) -> None:
     clock = FakeClock()
-    backoff = Exponential(initial, 2.0, cap=cap, jitter=jitter)  # type: ignore[arg-type]
+    backoff: Backoff
+    if strategy == "constant":
+        backoff = Constant(initial, cap=cap, jitter=jitter)  # type: ignore[arg-type]
+    elif strategy == "linear":
+        backoff = Linear(initial, initial, cap=cap, jitter=jitter)  # type: ignore[arg-type]
+    else:
+        backoff = Exponential(initial, 2.0, cap=cap, jitter=jitter)  # type: ignore[arg-type]
     retry = Retry(attempts=attempts, backoff=backoff, clock=clock, rng=random.Random(seed))
     fn = Flaky(*(ConnectionError() for _ in range(attempts)))
     with pytest.raises(ConnectionError):
@@ -243,7 +258,7 @@ def test_retry_sleeps_stay_within_the_jitter_bounds(
     assert len(clock.sleeps) == attempts - 1
     previous = 0.0
     for n, slept in enumerate(clock.sleeps, start=1):
-        base = min(initial * 2 ** (n - 1), cap)
+        base = min(STRATEGIES[strategy](initial, n), cap)
         low, high = {
             "none": (base, base),
             "full": (0.0, base),

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from meshkit import __version__
 from meshkit.cli import config, dlq
@@ -56,23 +57,51 @@ def _stderr() -> Console:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The console script's entry point.
+    """The console script's entry point: every failure ends as ``error: ...`` (and ``hint: ...``), never a traceback.
 
-    Typer runs in standalone mode, so usage errors, ``--version`` and Ctrl-C keep its own handling; what escapes
-    it is ours to report.
+    Typer runs with ``standalone_mode=False`` so that usage errors come here too and read like the rest.
     """
+    err = _stderr()
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="meshkit")
+        code = app(args=list(argv) if argv is not None else None, prog_name="meshkit", standalone_mode=False)
+    except KeyboardInterrupt:
+        err.print("[red]error:[/] interrupted", markup=True)
+        sys.exit(130)
     except MeshkitError as exc:
-        err = _stderr()
-        err.print(f"[red]error:[/] {exc.message}", markup=True, emoji=False)
+        err.print(f"[red]error:[/] {escape(exc.message)}", markup=True, emoji=False)
         if exc.hint:
-            err.print(f"[cyan]hint:[/] {exc.hint}", markup=True, emoji=False)
+            err.print(f"[cyan]hint:[/] {escape(exc.hint)}", markup=True, emoji=False)
         sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
     except Exception as exc:
+        usage = _usage_error(exc)
+        if usage is not None:
+            message, hint, exit_code = usage
+            err.print(f"[red]error:[/] {escape(message)}", markup=True, emoji=False, highlight=False)
+            if hint:
+                err.print(f"[cyan]hint:[/] {escape(hint)}", markup=True, emoji=False, highlight=False)
+            sys.exit(exit_code)
         if os.environ.get("MESHKIT_DEBUG"):
             raise
-        err = _stderr()
-        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {exc}", markup=True, emoji=False)
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(str(exc))}", markup=True, emoji=False)
         err.print("[cyan]hint:[/] rerun with MESHKIT_DEBUG=1 to see the traceback, and report it", markup=True)
         sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _usage_error(exc: Exception) -> tuple[str, str | None, int] | None:
+    """``(message, hint, exit code)`` if ``exc`` is the command line's own failure (a usage error, an abort).
+
+    Typer ships its own copy of click, so its exceptions are recognised by shape, not by class.
+    """
+    kind = type(exc).__name__
+    if kind == "Abort":
+        return "interrupted", None, 130
+    format_message = getattr(exc, "format_message", None)
+    exit_code = getattr(exc, "exit_code", None)
+    if not callable(format_message) or not isinstance(exit_code, int):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "meshkit"
+    hint = f"see '{where} --help'" if exit_code == 2 else None
+    return str(format_message()), hint, exit_code

@@ -3,7 +3,8 @@
 - :class:`Bulkhead` (semaphore): at most ``max_concurrent`` calls in flight; a caller that finds it full waits up
   to ``max_wait`` seconds in a FIFO queue of at most ``max_queue`` waiters, else gets
   :class:`~meshkit.errors.BulkheadFull`. Works for threads and tasks alike; a freed slot is handed to the first
-  waiter directly, so nobody can jump the queue.
+  waiter directly, so nobody can jump the queue. Async callers wait on the policy's clock (a ``FakeClock`` in
+  tests); a blocking caller's wait is a ``threading.Event`` wait, so its ``max_wait`` is real (wall) time.
 - :class:`ThreadPoolBulkhead`: blocking calls run on a pool of ``max_workers`` threads of its own with at most
   ``max_queue`` calls waiting for a thread; beyond that, ``BulkheadFull``. Make one per downstream, as the seed
   does (``user_service_pool``, ``order_service_pool``, ...). Close it (or use ``with``) to stop its threads.
