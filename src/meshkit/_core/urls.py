@@ -41,7 +41,9 @@ def redact(url: str) -> str:
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
     netloc = f"{userinfo}@{hosts}" if at else hosts
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    if not parts.scheme:
+        return urlunsplit(("", netloc, parts.path, "", ""))
+    return f"{parts.scheme}://{netloc}{parts.path}"  # keeps the // of a URL with no host (amqp:///vhost)
 
 
 def url_options(
