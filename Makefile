@@ -31,6 +31,7 @@ unit: venv
 
 test: lint typecheck
 	scripts/ensure-services.sh
+	scripts/install-etcd.sh >/dev/null
 	$(BIN)/pytest --cov=meshkit --cov-branch --cov-report=term:skip-covered
 
 soak: venv

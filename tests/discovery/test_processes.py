@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from meshkit.discovery import Change, Instance, Registry, Watch, connect
 from meshkit.discovery.testing import until
+from tests.discovery.etcd_server import EtcdServer, require_etcd
 
 WORKER = Path(__file__).with_name("registry_worker.py")
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -54,11 +55,15 @@ async def start_worker(url: str, service: str, instance_id: str, *options: str) 
     return worker
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "etcd"])
 async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, tuple[str, ...]]]:
     """A registry URL two processes can share, and the options both must pass."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry.db'}", ("poll_interval=0.02",)
+        return
+    if request.param == "etcd":
+        with EtcdServer(require_etcd()) as server:
+            yield server.url, (f"prefix=t-{uuid.uuid4().hex[:12]}/",)
         return
     client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:

@@ -7,7 +7,7 @@
             healthy = await registry.list("orders")
 
 Backends by URL: ``memory://`` (in-process), ``sqlite:///path`` (the embedded default: several processes on one
-host share the file) and ``redis://`` (several hosts). docs/discovery.md has the details.
+host share the file), ``redis://`` and ``etcd://`` (several hosts). docs/discovery.md has the details.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _BACKENDS = {
     "sqlite": "sqlite",
     "redis": "redis",
     "rediss": "redis",
+    "etcd": "etcd",
 }
 
 
@@ -46,15 +47,15 @@ def connect(url: str, **options: Any) -> Registry:
 
     ``memory://`` is in-process. ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` is the embedded
     default shared by the processes of one host. ``redis://host:port/db`` reaches a Redis server (``pip install
-    'meshkit[redis]'``). ``options`` go to the backend (docs/discovery.md lists each backend's); every backend takes
-    ``clock``.
+    'meshkit[redis]'``); ``etcd://host:port`` reaches an etcd v3 server (``pip install 'meshkit[etcd]'``).
+    ``options`` go to the backend (docs/discovery.md lists each backend's); every backend takes ``clock``.
     """
     scheme = urlsplit(url).scheme
     name = _BACKENDS.get(scheme)
     if name is None:
         raise ConfigurationError(
             f"unknown registry URL scheme {scheme!r} in {url!r}",
-            hint="use one of memory://, sqlite:///path, redis://",
+            hint="use one of memory://, sqlite:///path, redis://, etcd://",
         )
     module = importlib.import_module(f"meshkit.discovery.{name}")
     registry: Registry = module.from_url(url, **options)
