@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime
 
 import pydantic
 import pytest
 
 from meshkit.errors import ConfigurationError, MessageDecodeError
-from meshkit.messaging import Envelope, JsonCodec, connect
-from meshkit.messaging.message import decode_structured, encode_structured
+from meshkit.messaging import Broker, Delivery, Envelope, JsonCodec, Message, connect
+from meshkit.messaging.base import make_delivery
+from meshkit.messaging.memory import MemoryBackend
+from meshkit.messaging.message import decode_structured, encode_structured, make_envelope, make_message
 
 
 def test_structured_json_round_trip_and_layout() -> None:
@@ -83,3 +86,34 @@ def test_connect_names_what_to_fix() -> None:
     assert info.value.hint is not None and "memory://" in info.value.hint
     with pytest.raises(ConfigurationError, match="bad SQLite broker URL"):
         connect("sqlite://host/x.db")
+
+
+def test_the_fast_builders_make_ordinary_frozen_values() -> None:
+    """make_envelope/make_delivery/make_message (the hot paths) build values equal to the constructors' ones."""
+    extensions = {"partitionkey": "k"}
+    built = make_envelope("1", "s", "t", "2026-01-01T00:00:00+00:00", "application/json", b"1", "sub", extensions)
+    envelope = Envelope("1", "s", "t", "2026-01-01T00:00:00+00:00", "application/json", b"1", "sub", extensions)
+    assert type(built) is Envelope and built == envelope
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.id = "2"  # type: ignore[misc]
+    delivery = make_delivery("t", "g", built, 7, 2)
+    assert type(delivery) is Delivery and delivery == Delivery("t", "g", envelope, 7, 2)
+    stamp = datetime(2026, 1, 1, tzinfo=UTC)
+    message = make_message("t", 1, built, stamp, "k", {}, 2, 7)
+    assert type(message) is Message
+    assert message == Message("t", 1, "1", "s", "t", stamp, "application/json", "sub", "k", {}, 2, 7)
+    assert dataclasses.replace(built, id="2").id == "2"
+
+
+@pytest.mark.parametrize("bad", ["", "not a time"])
+def test_a_bad_time_attribute_is_refused_every_time(bad: str) -> None:
+    """The broker remembers the last time it parsed; that must never let a bad one through."""
+    broker = Broker(MemoryBackend())
+    good = Envelope("1", "s", "t", "2026-01-01T00:00:00+00:00", "application/json", b"1")
+    for envelope in (dataclasses.replace(good, time=bad), good, dataclasses.replace(good, time=bad)):
+        delivery = Delivery("t", "g", envelope, 1, 1)
+        if envelope.time == bad:
+            with pytest.raises(MessageDecodeError, match="bad time attribute"):
+                broker._decode(delivery)
+        else:
+            assert broker._decode(delivery).time == datetime(2026, 1, 1, tzinfo=UTC)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Handler", "Subscription", "SubscriptionOptions"]
 
 log = logging.getLogger("meshkit.messaging")
+
+_MAX_FETCH_BACKOFF = 2.0  # seconds between fetch attempts while the broker is unreachable
 
 Handler = Callable[[Message], Awaitable[None]]
 
@@ -78,9 +81,17 @@ class Subscription:
         self._handler = handler
         self._options = options
         self._channel = channel
-        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()  # fetched, not started
+        # Fetched, not started (None: a worker's signal to stop). Not an asyncio.Queue: its put wakes one waiting
+        # worker per message, and when handlers do not suspend the first woken worker handles the whole batch while
+        # the others wake to an empty queue. Here a worker that takes a message wakes one more only if messages
+        # remain and no woken worker is yet to run, so concurrency still grows as handlers suspend.
+        self._ready: deque[Delivery | None] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a message
+        self._waking = 0  # workers woken that have not taken a message yet
         self._busy = 0  # workers handling a message
+        self._fetch_failures = 0  # fetches failed in a row (the broker unreachable)
         self._progress = asyncio.Event()  # a worker took or finished a message
+        self._watching = False  # the fetch loop waits for progress: the first worker to make some sets the event
         self._workers: list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self._acks: list[Delivery] = []  # handled, waiting for the flusher: acks are written in batches
@@ -126,87 +137,156 @@ class Subscription:
     async def _fetch_loop(self) -> None:
         """Keep at most ``concurrency + prefetch`` deliveries fetched and not finished."""
         opts = self._options
-        queue = self._queue
+        ready = self._ready
         capacity = opts.concurrency + opts.prefetch
         refill = max(1, capacity // 2)  # top up in batches: one fetch per message would cost a round trip each
         while True:
-            room = capacity - self._busy - queue.qsize()
-            if room > 0 and queue.empty():  # nothing waiting: block for new messages
-                for delivery in await self._channel.fetch(room, opts.poll_interval):
-                    queue.put_nowait(delivery)
+            room = capacity - self._busy - len(ready)
+            if room > 0 and not ready:  # nothing waiting: block for new messages
+                ready.extend(await self._fetch(room, opts.poll_interval))
+                self._wake()
                 continue
             # Fetched messages wait for a worker (or we are full). Clear *before* topping up, so that a worker
             # taking or finishing a message during the fetch is not missed; then wait for such progress.
             self._progress.clear()
+            self._watching = True
             if room >= refill:
-                got = await self._channel.fetch(room, 0.0)
-                for delivery in got:
-                    queue.put_nowait(delivery)
+                got = await self._fetch(room, 0.0)
                 if got:
+                    ready.extend(got)
+                    self._wake()
                     continue
             await self._progress.wait()
 
+    def _wake(self) -> None:
+        """Wake one idle worker if messages wait and no woken worker is yet to take one."""
+        if self._waking or not self._ready:
+            return
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                return
+
+    async def _fetch(self, room: int, wait: float) -> list[Delivery]:
+        """One fetch; a failing backend (a broker restarting, a dropped connection) is logged and retried.
+
+        The loop must outlive a broker outage: if it died, the subscription would look alive and handle nothing.
+        Retries back off from the poll interval to ``_MAX_FETCH_BACKOFF`` and log once per outage.
+        """
+        try:
+            got = await self._channel.fetch(room, wait)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self._fetch_failures:
+                log.warning(
+                    "could not fetch messages; retrying until the broker answers",
+                    exc_info=True,
+                    extra={"topic": self.topic, "group": self.group},
+                )
+            self._fetch_failures += 1
+            delay = min(_MAX_FETCH_BACKOFF, max(0.05, self._options.poll_interval) * 2 ** min(self._fetch_failures, 8))
+            await asyncio.sleep(delay)
+            return []
+        if self._fetch_failures:
+            log.info(
+                "fetching messages again after %d failed attempts",
+                self._fetch_failures,
+                extra={"topic": self.topic, "group": self.group},
+            )
+            self._fetch_failures = 0
+        return got
+
     async def _worker(self) -> None:
-        queue = self._queue
+        """Take fetched messages and settle each by its handler's outcome (the hot path: no coroutine of ours per
+        message; failures go to _failed and _dead_letter)."""
+        ready = self._ready
+        loop = asyncio.get_running_loop()
+        decode = self._broker._decode
+        handler = self._handler
         while True:
-            delivery = await queue.get()
+            if not ready:
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():  # woken, then cancelled before it ran
+                        self._waking -= 1
+                    raise
+                self._waking -= 1
+                continue
+            delivery = ready.popleft()
             if delivery is None:  # closing
                 return
+            if ready:
+                if not self._waking:
+                    self._wake()  # another worker takes the next one if this handler suspends
+            elif self._watching:  # the fetch loop may be waiting for the last one to be taken
+                self._watching = False
+                self._progress.set()
             self._busy += 1
-            self._progress.set()
             try:
-                await self._handle(delivery)
+                try:
+                    message = decode(delivery)
+                except MessageDecodeError as exc:
+                    await self._dead_letter(delivery, f"undecodable: {exc}")
+                    continue
+                try:
+                    if "traceparent" in message.headers:
+                        with extracted(message.headers):
+                            await handler(message)
+                    else:
+                        await handler(message)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._channel.release([delivery]))
+                    raise
+                except Exception as exc:
+                    await self._failed(delivery, exc)
+                    continue
+                acks = self._acks
+                acks.append(delivery)
+                if len(acks) == 1:  # the first since the flusher took a batch: wake it (later ones find it awake)
+                    self._ack_wanted.set()
+                self.handled += 1
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the handler's own errors are settled in _handle: this is the backend failing
+            except Exception:  # the handler's own errors are settled above: this is the backend failing
                 log.exception(
                     "could not settle a delivery; it will be delivered again",
                     extra={"topic": self.topic, "group": self.group},
                 )
             finally:
                 self._busy -= 1
-                self._progress.set()
+                if self._watching:
+                    self._watching = False
+                    self._progress.set()
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        """The handler raised: deliver again after a backoff, or dead-letter after the last attempt."""
         retry = self._options.retry
         assert retry.attempts is not None
-        try:
-            message = self._broker._decode(delivery)
-        except MessageDecodeError as exc:
-            await self._dead_letter(delivery, f"undecodable: {exc}")
+        self.failed += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if delivery.attempt >= retry.attempts:
+            await self._dead_letter(delivery, reason)
             return
-        try:
-            if "traceparent" in message.headers:
-                with extracted(message.headers):
-                    await self._handler(message)
-            else:
-                await self._handler(message)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._channel.release([delivery]))
-            raise
-        except Exception as exc:
-            self.failed += 1
-            reason = f"{type(exc).__name__}: {exc}"
-            if delivery.attempt >= retry.attempts:
-                await self._dead_letter(delivery, reason)
-                return
-            delay = retry.backoff.delay(delivery.attempt, 0.0, self._rng)
-            log.info(
-                "handler failed; message will be delivered again",
-                extra={
-                    "topic": self.topic,
-                    "group": self.group,
-                    "id": delivery.envelope.id,
-                    "attempt": delivery.attempt,
-                    "delay": delay,
-                    "error": reason,
-                },
-            )
-            await self._channel.nack(delivery, delay)
-            return
-        self._acks.append(delivery)
-        self._ack_wanted.set()
-        self.handled += 1
+        delay = retry.backoff.delay(delivery.attempt, 0.0, self._rng)
+        log.info(
+            "handler failed; message will be delivered again",
+            extra={
+                "topic": self.topic,
+                "group": self.group,
+                "id": delivery.envelope.id,
+                "attempt": delivery.attempt,
+                "delay": delay,
+                "error": reason,
+            },
+        )
+        await self._channel.nack(delivery, delay)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         topic = self._options.dead_letter_topic or f"{self.topic}.dlq"
@@ -241,15 +321,17 @@ class Subscription:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        unstarted: list[Delivery] = []
-        while not self._queue.empty():  # fetched but not started: give them back at once
-            item = self._queue.get_nowait()
-            if item is not None:
-                unstarted.append(item)
+        unstarted = [item for item in self._ready if item is not None]  # fetched but not started: give them back
+        self._ready.clear()
         if unstarted:
             await self._channel.release(unstarted)
         for _ in self._workers:  # each worker stops after the message it is handling
-            self._queue.put_nowait(None)
+            self._ready.append(None)
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
         if self._workers:
             _, late = await asyncio.wait(self._workers, timeout=self._options.drain_timeout)
             for task in late:

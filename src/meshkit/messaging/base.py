@@ -54,6 +54,28 @@ class Delivery:
     attempt: int  # 1 for the first delivery
 
 
+class _DeliverySlots:
+    __slots__ = ("attempt", "envelope", "group", "offset", "topic")
+    topic: str
+    group: str
+    envelope: Envelope
+    offset: int
+    attempt: int
+
+
+def make_delivery(topic: str, group: str, envelope: Envelope, offset: int, attempt: int) -> Delivery:
+    """``Delivery(topic, group, envelope, offset, attempt)``, built faster for the hot path (see
+    :func:`meshkit.messaging.message.make_envelope`: same trick, same result)."""
+    d = _DeliverySlots()
+    d.topic = topic
+    d.group = group
+    d.envelope = envelope
+    d.offset = offset
+    d.attempt = attempt
+    d.__class__ = Delivery  # type: ignore[assignment]  # same slots: allowed
+    return d  # type: ignore[return-value]  # it is a Delivery now
+
+
 class GroupChannel(abc.ABC):
     """One member's view of a consumer group (see the module docstring for its promises)."""
 

@@ -8,14 +8,22 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from meshkit._core.ids import new_ids
 from meshkit.errors import ConfigurationError, MessageDecodeError, MessageTooLarge
 from meshkit.messaging._consumer import Handler, Subscription, SubscriptionOptions
 from meshkit.messaging.base import Backend, Capabilities, Delivery
-from meshkit.messaging.message import Envelope, JsonCodec, Message, check_extension
+from meshkit.messaging.message import (
+    NO_EXTENSIONS,
+    Envelope,
+    JsonCodec,
+    Message,
+    check_extension,
+    make_envelope,
+    make_message,
+)
 from meshkit.tracing import current_headers
 
 __all__ = ["Broker", "DeadLetters", "Outgoing"]
@@ -58,6 +66,7 @@ class Broker:
         self._closed = False
         self._publishing = 0  # appends in flight; aclose waits for them
         self._published = asyncio.Event()
+        self._stamp: tuple[str | None, datetime] = (None, datetime.fromtimestamp(0, UTC))  # the last time parsed
 
     @property
     def capabilities(self) -> Capabilities:
@@ -74,14 +83,15 @@ class Broker:
         trace = current_headers()  # W3C trace context: the handlers will run inside it
         trace_size = sum(len(k) + len(v) for k, v in trace.items())
         now = datetime.now(UTC).isoformat()
-        ids = new_ids(sum(1 for i in items if not isinstance(i, Outgoing) or i.id is None))
         encode = self._codec.encode
         source, limit = self._source, self._max_bytes
+        shared = MappingProxyType(dict(trace)) if trace else NO_EXTENSIONS  # immutable: one for the whole batch
+        ids = new_ids(sum(1 for i in items if not isinstance(i, Outgoing) or i.id is None))
         envelopes = []
         for item in items:
             if not isinstance(item, Outgoing):
                 data, content_type = encode(item)
-                envelope = Envelope(ids.pop(), source, topic, now, content_type, data, None, dict(trace))
+                envelope = make_envelope(ids.pop(), source, topic, now, content_type, data, None, shared)
                 size = len(data) + trace_size
             else:
                 data, content_type = encode(item.data)
@@ -174,12 +184,17 @@ class Broker:
     def _decode(self, delivery: Delivery, *, lenient: bool = False) -> Message:
         """The handler's view of a delivery. ``lenient`` (the dead letter view) keeps undecodable data as bytes."""
         e = delivery.envelope
-        try:
-            stamp = datetime.fromisoformat(e.time)
-        except ValueError as exc:
-            if not lenient:
-                raise MessageDecodeError(f"bad time attribute {e.time!r}") from exc
-            stamp = datetime.fromtimestamp(0, UTC)
+        if e.time == self._stamp[0]:  # the messages of one batch share their time: parse it once
+            stamp = self._stamp[1]
+        else:
+            try:
+                stamp = datetime.fromisoformat(e.time)
+            except ValueError as exc:
+                if not lenient:
+                    raise MessageDecodeError(f"bad time attribute {e.time!r}") from exc
+                stamp = datetime.fromtimestamp(0, UTC)
+            else:
+                self._stamp = (e.time, stamp)
         try:
             data = self._codec.decode(e.data, e.datacontenttype)
         except MessageDecodeError:
@@ -190,21 +205,7 @@ class Broker:
         key = headers.get("partitionkey")
         if key is not None:
             headers = {k: v for k, v in headers.items() if k != "partitionkey"}
-        # positional: this runs once per delivered message (the order is Message's fields)
-        return Message(
-            delivery.topic,
-            data,
-            e.id,
-            e.source,
-            e.type,
-            stamp,
-            e.datacontenttype,
-            e.subject,
-            key,
-            headers,
-            delivery.attempt,
-            delivery.offset,
-        )
+        return make_message(delivery.topic, data, e, stamp, key, headers, delivery.attempt, delivery.offset)
 
     def dead_letters(self, topic: str) -> DeadLetters:
         """The dead letter topic of ``topic`` (``<topic>.dlq``): list its messages, replay or discard them."""
