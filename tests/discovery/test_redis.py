@@ -18,34 +18,16 @@ from meshkit.discovery.base import Resync
 from meshkit.discovery.redis import RedisRegistry, from_url
 from meshkit.discovery.testing import SCENARIOS, Harness, Scenario, run_scenario
 from meshkit.errors import ConfigurationError, Unavailable
+from tests.redis_keys import fresh_prefix
 
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def _reachable() -> bool:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        return bool(await client.ping())
-    except (OSError, aioredis.RedisError):
-        return False
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     """A fresh key prefix on the shared server; every key under it is deleted afterwards."""
-    if not await _reachable():
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    name = f"t-reg-{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{name}*", count=1000)]
-        if keys:
-            await client.unlink(*keys)
-    finally:
-        await client.aclose()
+    async with fresh_prefix(REDIS_URL, f"t-reg-{uuid.uuid4().hex[:12]}:") as name:
+        yield name
 
 
 @pytest.mark.anyio

@@ -32,39 +32,17 @@ from meshkit.messaging.message import Envelope
 from meshkit.messaging.redis import RedisBackend, entry_id_of, from_url, offset_of
 from meshkit.messaging.testing import SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
 from meshkit.testing import FlakyHTTPServer
+from tests.redis_keys import fresh_prefix
 
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
 FAST = SubscriptionOptions(poll_interval=0.05, drain_timeout=10)
 
 
-async def _reachable() -> bool:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        return bool(await client.ping())
-    except OSError:
-        return False
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     """A fresh key prefix on the shared server; every key under it is deleted afterwards."""
-    if not await _reachable():
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    name = f"t-{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{name}*", count=1000)]
-        for start in range(0, len(keys), 1000):
-            await client.unlink(*keys[start : start + 1000])
-        left = [key async for key in client.scan_iter(match=f"{name}*", count=1000)]
-        assert not left, f"keys left behind: {left[:5]}"
-    finally:
-        await client.aclose()
+    async with fresh_prefix(REDIS_URL, f"t-{uuid.uuid4().hex[:12]}:") as name:
+        yield name
 
 
 def url_for(prefix: str, **query: Any) -> str:

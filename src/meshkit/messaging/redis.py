@@ -74,9 +74,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from meshkit._core.optional import require
+from meshkit._core.urls import flag, redact, url_options
 from meshkit.errors import ConfigurationError, MeshkitError, MessageDecodeError, Unavailable
 from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom, make_delivery
 from meshkit.messaging.message import Envelope, decode_structured, make_envelope
@@ -368,15 +369,6 @@ def _before(offset: int) -> str:
     return entry_id_of(offset - 1) if offset & _SEQ_MASK else f"{(offset >> _SEQ_BITS) - 1}-{_SEQ_MASK}"
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return urlunsplit(parts._replace(query=""))
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc, query=""))
-
-
 class _GroupKeys:
     __slots__ = ("keys", "stream")
 
@@ -432,7 +424,7 @@ class RedisBackend(Backend):
 
     def _redis(self) -> aioredis.Redis:
         if self._closed:
-            raise ConfigurationError(f"the Redis broker on {_redact(self.url)} is closed")
+            raise ConfigurationError(f"the Redis broker on {redact(self.url)} is closed")
         if self._client is None:
             aioredis_mod = require("redis.asyncio", "redis")
             retry_mod = require("redis.asyncio.retry", "redis")
@@ -449,7 +441,7 @@ class RedisBackend(Backend):
                 # BlockingConnectionPool has had deadlocks under many waiters: redis/redis-py#3056)
                 pool = aioredis_mod.ConnectionPool.from_url(self.url, **options)
             except (ValueError, TypeError) as exc:
-                raise ConfigurationError(f"bad Redis broker URL {_redact(self.url)!r}: {exc}") from exc
+                raise ConfigurationError(f"bad Redis broker URL {redact(self.url)!r}: {exc}") from exc
             self._client = aioredis_mod.Redis(connection_pool=pool)
             self._scripts = {
                 name: self._client.register_script(source)
@@ -473,17 +465,17 @@ class RedisBackend(Backend):
             async with self._slots:
                 return await fn(client)
         except (exceptions.AuthenticationError, exceptions.AuthorizationError) as exc:
-            raise ConfigurationError(f"Redis at {_redact(self.url)} refused the credentials: {exc}") from exc
+            raise ConfigurationError(f"Redis at {redact(self.url)} refused the credentials: {exc}") from exc
         except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
             raise Unavailable(
-                f"Redis at {_redact(self.url)} is unreachable ({what}): {exc}",
+                f"Redis at {redact(self.url)} is unreachable ({what}): {exc}",
                 hint="is the server running, and are the host, port and TLS setting (rediss://) right?",
             ) from exc
         except exceptions.ResponseError as exc:
-            raise ConfigurationError(f"Redis at {_redact(self.url)} refused {what}: {exc}") from exc
+            raise ConfigurationError(f"Redis at {redact(self.url)} refused {what}: {exc}") from exc
         except exceptions.RedisError as exc:  # e.g. InvalidResponse: something else listens there
             raise Unavailable(
-                f"Redis at {_redact(self.url)} did not answer like Redis ({what}): {exc}",
+                f"Redis at {redact(self.url)} did not answer like Redis ({what}): {exc}",
                 hint="is it a Redis server on that port, and is TLS (rediss://) needed?",
             ) from exc
 
@@ -879,14 +871,14 @@ _OWN_OPTIONS: dict[str, Callable[[str], Any]] = {
 }
 _DRIVER_OPTIONS: dict[str, Callable[[str], Any]] = {
     "socket_timeout": float,
-    "socket_keepalive": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "socket_keepalive": flag,
     "health_check_interval": int,
     "client_name": str,
     "ssl_cert_reqs": str,
     "ssl_ca_certs": str,
     "ssl_certfile": str,
     "ssl_keyfile": str,
-    "ssl_check_hostname": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "ssl_check_hostname": flag,
 }
 
 
@@ -905,27 +897,8 @@ def from_url(url: str, **options: Any) -> RedisBackend:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ConfigurationError(
-            f"bad database {db!r} in Redis broker URL {_redact(url)!r}", hint="the path is a database number: /0"
+            f"bad database {db!r} in Redis broker URL {redact(url)!r}", hint="the path is a database number: /0"
         )
-    known = {**_OWN_OPTIONS, **_DRIVER_OPTIONS}
-    given: dict[str, Any] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        parser = known.get(name)
-        if parser is None:
-            continue
-        try:
-            given[name] = parser(value)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"bad value {value!r} for option {name!r} in Redis broker URL {_redact(url)!r}"
-            ) from exc
-    unknown = sorted({name for name, _ in parse_qsl(parts.query, keep_blank_values=True)} - known.keys())
-    unknown += sorted(set(options) - known.keys())
-    if unknown:
-        raise ConfigurationError(
-            f"unknown Redis broker option(s) {', '.join(map(repr, unknown))} for {_redact(url)!r}",
-            hint=f"known options: {', '.join(sorted(known))}",
-        )
-    given.update(options)
+    given, _ = url_options(url, {**_OWN_OPTIONS, **_DRIVER_OPTIONS}, options, what="Redis broker")
     bare = urlunsplit(parts._replace(query=""))
     return RedisBackend(bare, **given)
