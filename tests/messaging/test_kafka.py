@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +23,6 @@ from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Message, connect
 from meshkit.messaging.kafka import KafkaBackend, _stop_consumer, from_url
 from meshkit.messaging.testing import FAST, SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
-from meshkit.testing import DEADLINE
 from tests.messaging.kafka_server import S3Server, TansuServer, free_port, moto_available, tansu_binary
 
 BINARY = tansu_binary()
@@ -38,12 +36,6 @@ TEST_OPTIONS = (
     "session_timeout_ms=2000&heartbeat_interval_ms=300&rebalance_timeout_ms=1000&idempotence=false"
     "&partitions=4&fetch_max_wait_ms=100&request_timeout_ms=5000&connect_timeout=5"
 )
-
-
-async def eventually_async(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not await condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +107,7 @@ async def test_a_plain_kafka_client_reads_meshkit_messages_as_cloudevents(
                 records.extend(batch)
             return bool(records)
 
-        await eventually_async(got_one, "the record")
+        await eventually(got_one, "the record")
     finally:
         await consumer.stop()
     record = records[0]
@@ -183,11 +175,9 @@ async def test_meshkit_handles_a_cloudevent_written_by_a_plain_kafka_client(
 @pytest.mark.anyio
 async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
     url = f"kafka://127.0.0.1:{free_port()}?connect_timeout=5&request_timeout_ms=3000"
-    started = time.monotonic()
-    async with connect(url) as broker:
+    async with asyncio.timeout(120), connect(url) as broker:  # a hang fails the test; no speed is asserted
         with pytest.raises(Unavailable) as info:
             await broker.publish("t", 1)
-    assert time.monotonic() - started < 30, "it hung instead of failing"
     assert url.split("?", maxsplit=1)[0] in str(info.value)
     assert info.value.hint and "reachable" in info.value.hint
 

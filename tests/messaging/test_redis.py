@@ -7,6 +7,7 @@ scenario run uses its own key prefix and deletes its keys afterwards.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -32,6 +33,8 @@ from meshkit.messaging.message import Envelope
 from meshkit.messaging.redis import RedisBackend, entry_id_of, from_url, offset_of
 from meshkit.messaging.testing import SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
 from meshkit.testing import FlakyHTTPServer
+from tests.helpers import wait_until
+from tests.messaging.outage import until_accepted
 from tests.redis_keys import fresh_prefix
 
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -167,11 +170,12 @@ async def test_a_stream_entry_that_is_not_a_cloudevent_is_dead_lettered(prefix: 
     async with connect(url_for(prefix)) as broker:
         await broker.subscribe("raw", handle, group="g", options=FAST)
         dead: list[Message] = []
-        end = time.monotonic() + 30
-        while not dead:
-            assert time.monotonic() < end, "the foreign entry never reached the dead letters"
-            dead = await broker.dead_letters("raw").list()
-            await asyncio.sleep(0.01)
+
+        async def dead_lettered() -> bool:
+            dead[:] = await broker.dead_letters("raw").list()
+            return bool(dead)
+
+        await eventually(dead_lettered, "the foreign entry to reach the dead letters", every=0.01)
     assert not seen
     assert dead[0].headers["dlqreason"].startswith("undecodable")
     assert dead[0].headers["dlqid"].startswith("redis:")  # no ce_id: the entry id stands in
@@ -215,11 +219,12 @@ async def test_foreign_entries_with_odd_fields_are_read_leniently(prefix: str) -
         await broker.subscribe("odd", handle, group="g", options=FAST)
         await eventually(lambda: len(got) == 3, "three readable entries")
         dead: list[Message] = []
-        end = time.monotonic() + 30
-        while len(dead) < 2:  # the entry without data and the one without attributes
-            assert time.monotonic() < end, "the entries that are not CloudEvents never reached the dead letters"
-            dead = await broker.dead_letters("odd").list()
-            await asyncio.sleep(0.01)
+
+        async def both_dead() -> bool:  # the entry without data and the one without attributes
+            dead[:] = await broker.dead_letters("odd").list()
+            return len(dead) >= 2
+
+        await eventually(both_dead, "the entries that are not CloudEvents to reach the dead letters", every=0.01)
     by_id = {m.id: m for m in got}
     assert by_id["latin"].headers["tenant"] == "\ufffd\ufffdacme" and by_id["latin"].data == {"n": 1}
     assert by_id["second"].data == {"n": 2}
@@ -502,17 +507,16 @@ class _OwnRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        end = time.monotonic() + 30
-        while True:
+
+        def answers() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
+                    return s.recv(64).startswith(b"+PONG")
             except OSError:
-                pass
-            assert time.monotonic() < end, "redis-server did not start"
-            time.sleep(0.02)
+                return False
+
+        wait_until(answers, "redis-server to answer", every=0.02)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -543,14 +547,8 @@ async def test_10000_messages_survive_two_broker_restarts(tmp_path: Path) -> Non
                 if n in restarts:
                     await asyncio.to_thread(server.stop)
                     await asyncio.to_thread(server.start)
-                end = time.monotonic() + 60
-                while True:  # the publisher retries a clear meshkit error; dedup makes the retry safe
-                    try:
-                        await producer.publish("work", {"n": n}, id=f"msg-{n}")
-                        break
-                    except Unavailable:
-                        assert time.monotonic() < end, "the server did not come back"
-                        await asyncio.sleep(0.05)
+                # the publisher retries a clear meshkit error; dedup makes the retry safe
+                await until_accepted(functools.partial(producer.publish, "work", {"n": n}, id=f"msg-{n}"))
                 acknowledged.add(n)
             await eventually(lambda: acknowledged <= set(handled), "every acknowledged publish handled", 120)
     finally:
