@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -15,12 +16,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 from cloudevents.core.bindings.kafka import KafkaMessage, from_binary, to_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from meshkit.errors import ConfigurationError, Unavailable
-from meshkit.messaging import Message, connect
+from meshkit.messaging import Message, Outgoing, connect
 from meshkit.messaging.kafka import KafkaBackend, _stop_consumer, from_url
 from meshkit.messaging.testing import FAST, SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
 from tests.messaging.kafka_server import S3Server, TansuServer, free_port, moto_available, tansu_binary
@@ -119,6 +121,42 @@ async def test_a_plain_kafka_client_reads_meshkit_messages_as_cloudevents(
     assert event.get_extension("partitionkey") == "order-42"
     assert event.get_extension("tenant") == "acme"
     assert record.key == b"order-42"
+
+
+@pytest.mark.anyio
+async def test_a_batch_puts_each_key_where_a_plain_producer_would(kafka_server: TansuServer, prefix: str) -> None:
+    """publish_batch builds record batches itself: keys must still land on the partition aiokafka's (and the Java
+    client's) default partitioner picks, so single and batch publishes of one key stay in one partition, in
+    order; the unkeyed records of one batch share a partition."""
+    keys = [f"customer-{n}" for n in range(24)]
+    async with connect(url_for(kafka_server, prefix)) as broker:
+        await broker.publish_batch("placing", [Outgoing({"k": k}, key=k) for k in keys])
+        await broker.publish_batch("placing", [{"unkeyed": n} for n in range(10)])
+    topic = f"{prefix}placing"
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_server.bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        assert len(partitions) == 4
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[Any] = []
+
+        async def all_in() -> bool:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+            return len(records) >= len(keys) + 10
+
+        await eventually(all_in, "every record")
+    finally:
+        await consumer.stop()
+    every = list(range(4))
+    where = {r.key.decode(): r.partition for r in records if r.key is not None}
+    assert where == {k: DefaultPartitioner()(k.encode(), every, every) for k in keys}
+    assert len(set(where.values())) > 1, "24 keys over 4 partitions all in one: the keys were not hashed"
+    unkeyed = [r for r in records if r.key is None]
+    assert len({r.partition for r in unkeyed}) == 1
+    assert [json.loads(r.value)["unkeyed"] for r in unkeyed] == list(range(10)), "one batch keeps its order"
 
 
 @pytest.mark.anyio

@@ -371,6 +371,26 @@ async def test_purge_deletes_everything_under_the_prefix(prefix: str) -> None:
         await backend.aclose()
 
 
+@pytest.mark.anyio
+async def test_closing_after_the_stream_was_deleted_is_quiet(prefix: str) -> None:
+    """Someone deletes the topic's stream (an operator, a purge) while a member is subscribed: closing still works."""
+    seen: list[int] = []
+
+    async def handler(message: Message) -> None:
+        seen.append(message.data)
+
+    async with connect(url_for(prefix)) as broker:
+        await broker.subscribe("gone", handler, group="g", options=FAST)
+        await broker.publish("gone", 1)
+        await eventually(lambda: seen == [1], "the message handled")
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            assert await client.delete(f"{prefix}{{gone}}") == 1
+        finally:
+            await client.aclose()
+    # leaving the __aexit__ without an error is the test: the member's leave script finds no group to leave
+
+
 # -- bad input -----------------------------------------------------------------------------------------------------
 
 

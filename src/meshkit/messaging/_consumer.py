@@ -90,8 +90,11 @@ class Subscription:
         self._waking = 0  # workers woken that have not taken a message yet
         self._busy = 0  # workers handling a message
         self._fetch_failures = 0  # fetches failed in a row (the broker unreachable)
-        self._progress = asyncio.Event()  # a worker took or finished a message
+        self._capacity = options.concurrency + options.prefetch  # fetched and not finished, at most
+        self._refill = max(1, self._capacity // 2)  # top up in batches: a fetch per message costs a round trip each
+        self._progress = asyncio.Event()  # the last fetched message was taken, or there is room for a top-up
         self._watching = False  # the fetch loop waits for progress: the first worker to make some sets the event
+        self._fetch_due = False  # progress was signalled and the fetch loop has not run since: workers yield to it
         self._workers: list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self._acks: list[Delivery] = []  # handled, waiting for the flusher: acks are written in batches
@@ -138,8 +141,7 @@ class Subscription:
         """Keep at most ``concurrency + prefetch`` deliveries fetched and not finished."""
         opts = self._options
         ready = self._ready
-        capacity = opts.concurrency + opts.prefetch
-        refill = max(1, capacity // 2)  # top up in batches: one fetch per message would cost a round trip each
+        capacity, refill = self._capacity, self._refill
         while True:
             room = capacity - self._busy - len(ready)
             if room > 0 and not ready:  # nothing waiting: block for new messages
@@ -157,6 +159,7 @@ class Subscription:
                     self._wake()
                     continue
             await self._progress.wait()
+            self._fetch_due = False
 
     def _wake(self) -> None:
         """Wake one idle worker if messages wait and no woken worker is yet to take one."""
@@ -207,7 +210,14 @@ class Subscription:
         loop = asyncio.get_running_loop()
         decode = self._broker._decode
         handler = self._handler
+        capacity, refill = self._capacity, self._refill
         while True:
+            if self._fetch_due:
+                # There is room for a top-up: let the fetch loop send it now, so the broker prepares the next batch
+                # while this one is handled. Handlers that never suspend would otherwise keep the event loop until
+                # the batch is done (every worker woken before the fetch loop runs first), and fetching and
+                # handling would take turns instead of overlapping.
+                await asyncio.sleep(0)
             if not ready:
                 waiter = loop.create_future()
                 self._idle.append(waiter)
@@ -261,9 +271,10 @@ class Subscription:
                 )
             finally:
                 self._busy -= 1
-                if self._watching:
+                if self._watching and (not ready or capacity - self._busy - len(ready) >= refill):
                     self._watching = False
                     self._progress.set()
+                    self._fetch_due = bool(ready)
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         """The handler raised: deliver again after a backoff, or dead-letter after the last attempt."""

@@ -306,7 +306,8 @@ _LEAVE = (
 local group, me = ARGV[1], ARGV[2]
 local n = 0
 while true do
-  local p = redis.call('XPENDING', S, group, '-', '+', 1000, me)
+  local p = redis.pcall('XPENDING', S, group, '-', '+', 1000, me)
+  if p.err then return n end  -- the stream or the group was deleted meanwhile: there is nothing left to leave
   if #p == 0 then break end
   for _, row in ipairs(p) do
     local id = row[1]
