@@ -143,6 +143,7 @@ class Subscription:
         ready = self._ready
         capacity, refill = self._capacity, self._refill
         while True:
+            self._fetch_due = False  # the loop runs: workers need not yield to it any more
             room = capacity - self._busy - len(ready)
             if room > 0 and not ready:  # nothing waiting: block for new messages
                 ready.extend(await self._fetch(room, opts.poll_interval))
@@ -159,7 +160,6 @@ class Subscription:
                     self._wake()
                     continue
             await self._progress.wait()
-            self._fetch_due = False
 
     def _wake(self) -> None:
         """Wake one idle worker if messages wait and no woken worker is yet to take one."""
