@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from meshkit.errors import ConfigurationError
 
@@ -87,3 +87,21 @@ def url_options(
 def _hint(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(choices)}"
+
+
+def redis_url(url: str, what: str) -> SplitResult:
+    """The parts of a ``redis://`` or ``rediss://`` URL, or a :class:`ConfigurationError` naming what is wrong
+    (the scheme, the port, a path that is not a database number); credentials never appear in the message."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigurationError(f"not a Redis URL: {redact(url)!r}", hint="use redis://host:port/db or rediss://")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as exc:
+        raise ConfigurationError(f"bad port in {what} URL {redact(url)!r}", hint="use redis://host:6379/0") from exc
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigurationError(
+            f"bad database {db!r} in {what} URL {redact(url)!r}", hint="the path is a database number: /0"
+        )
+    return parts

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlunsplit
 
 from meshkit._core.clock import Clock
 from meshkit._core.optional import require
-from meshkit._core.urls import Parser, redact, url_options
+from meshkit._core.urls import Parser, redact, redis_url, url_options
 from meshkit.discovery.base import Capabilities, HealthStatus, Instance, LogEntry, Registry, Resync
 from meshkit.errors import ConfigurationError, Unavailable
 
@@ -290,12 +290,6 @@ def from_url(url: str, **options: Any) -> RedisRegistry:
 
     Options come from the query string or ``options`` (keyword arguments win); unknown ones are refused by name.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"not a Redis URL: {url!r}", hint="use redis://host:port/db or rediss://")
-    try:
-        parts.port  # noqa: B018 - parsing it is the check
-    except ValueError as exc:
-        raise ConfigurationError(f"bad port in Redis registry URL {redact(url)!r}") from exc
+    parts = redis_url(url, "Redis registry")
     given, _ = url_options(url, _OPTIONS, options, what="Redis registry", keywords=("clock",))
     return RedisRegistry(urlunsplit(parts._replace(query="")), **given)

@@ -74,10 +74,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlunsplit
 
 from meshkit._core.optional import require
-from meshkit._core.urls import flag, redact, url_options
+from meshkit._core.urls import flag, redact, redis_url, url_options
 from meshkit.errors import ConfigurationError, MeshkitError, MessageDecodeError, Unavailable
 from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom, make_delivery
 from meshkit.messaging.message import Envelope, decode_structured, make_envelope
@@ -888,18 +888,7 @@ def from_url(url: str, **options: Any) -> RedisBackend:
 
     Options come from the query string or ``options`` (keyword arguments win); unknown ones are refused by name.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"not a Redis URL: {url!r}", hint="use redis://host:port/db or rediss://")
-    try:
-        parts.port  # noqa: B018 - parsing it is the check
-    except ValueError as exc:
-        raise ConfigurationError(f"bad port in Redis broker URL {url!r}", hint="use redis://host:6379/0") from exc
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise ConfigurationError(
-            f"bad database {db!r} in Redis broker URL {redact(url)!r}", hint="the path is a database number: /0"
-        )
+    parts = redis_url(url, "Redis broker")
     given, _ = url_options(url, {**_OWN_OPTIONS, **_DRIVER_OPTIONS}, options, what="Redis broker")
     bare = urlunsplit(parts._replace(query=""))
     return RedisBackend(bare, **given)
