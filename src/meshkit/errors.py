@@ -13,9 +13,10 @@ about it, not by which module raised it::
     ├── Rejected                      we shed load on purpose; no call was made
     │   ├── BulkheadFull              too many concurrent calls (and the wait queue is full)
     │   └── RateLimited               the rate budget is spent
-    └── MessagingError                a message cannot be published or handled as it is
-        ├── MessageTooLarge           over the broker's size limit (nothing was published)
-        └── MessageDecodeError        not a valid CloudEvent, or its data does not decode (goes to the DLQ)
+    ├── MessagingError                a message cannot be published or handled as it is
+    │   ├── MessageTooLarge           over the broker's size limit (nothing was published)
+    │   └── MessageDecodeError        not a valid CloudEvent, or its data does not decode (goes to the DLQ)
+    └── HTTPStatusError               a service answered 4xx/5xx and the caller asked to raise for it
 
 Errors that mean "no call was made" (``CircuitOpen``, ``Rejected``) set ``request_sent = False``: retrying
 them is safe even for operations that are not idempotent.
@@ -26,10 +27,13 @@ so callers never have to import a driver to catch its errors.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "ConfigurationError",
+    "HTTPStatusError",
     "MeshkitError",
     "MessageDecodeError",
     "MessageTooLarge",
@@ -161,3 +165,18 @@ class MessageTooLarge(MessagingError):
 
 class MessageDecodeError(MessagingError):
     """A received message is not a valid CloudEvent, or its data does not decode."""
+
+
+class HTTPStatusError(MeshkitError):
+    """A service answered with an error status (4xx or 5xx); raised by ``Response.raise_for_status()``.
+
+    The service client returns error responses instead of raising, because a 404 or a 409 is often an answer the
+    caller handles; ``raise_for_status()`` is how a caller says "for me it is an error". ``status`` is the HTTP
+    status and ``response`` the :class:`meshkit.client.Response` (typed loosely here: errors sit below the client
+    in the layering and cannot import it).
+    """
+
+    def __init__(self, message: str, *, status: int, response: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.response = response
