@@ -5,7 +5,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit soak bench bench-brokers clean venv
+.PHONY: demo demo-resilience test lint typecheck unit soak bench bench-brokers clean venv
 
 $(STAMP): pyproject.toml constraints.txt scripts/python.sh
 	@test -x $(BIN)/python || "$$(scripts/python.sh)" -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt scripts/python.sh
 venv: $(STAMP)
 
 demo: venv
+	$(BIN)/meshkit run examples/shop
+
+demo-resilience: venv
 	$(BIN)/python examples/resilience_demo.py
 
 lint: venv

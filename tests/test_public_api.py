@@ -17,6 +17,9 @@ PUBLIC_MODULES = [
     "meshkit.testing",
     "meshkit.messaging",
     "meshkit.discovery",
+    "meshkit.client",
+    "meshkit.runtime",
+    "meshkit.runner",
 ]
 
 

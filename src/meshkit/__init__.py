@@ -5,6 +5,8 @@ The public surface is re-exported here and in the public subpackages (``meshkit.
 logging configuration.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._version import __version__
 from meshkit.errors import (
@@ -32,6 +34,9 @@ from meshkit.resilience import (
     Timeout,
 )
 
+if TYPE_CHECKING:
+    from meshkit.runtime import Service
+
 __all__ = [
     "Bulkhead",
     "BulkheadFull",
@@ -50,6 +55,7 @@ __all__ = [
     "RateLimiter",
     "Rejected",
     "Retry",
+    "Service",
     "SettingsError",
     "ThreadPoolBulkhead",
     "Timeout",
@@ -57,3 +63,13 @@ __all__ = [
     "Unavailable",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Service loads the runtime (and with it the messaging, discovery and client packages) on first use, so that
+    # ``import meshkit`` stays cheap and works without the optional drivers the runtime needs.
+    if name == "Service":
+        from meshkit.runtime import Service  # noqa: PLC0415 - on first use, see above
+
+        return Service
+    raise AttributeError(f"module 'meshkit' has no attribute {name!r}")

@@ -152,6 +152,21 @@ def test_settings_are_frozen_and_flat_lists_every_key(tmp_path: Path, monkeypatc
         "tracing.enabled",
         "tracing.endpoint",
         "tracing.sample_ratio",
+        "services",
     ]
     with pytest.raises(KeyError):
         settings.source_of("nope")
+
+
+def test_services_are_listed_as_module_attribute_with_clear_errors(tmp_path: Path) -> None:
+    toml = tmp_path / "meshkit.toml"
+    toml.write_text('[services.orders]\napp = "orders:service"\nreplicas = 2\n\n[services.email]\napp = "email"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(toml, env=NO_ENV)
+    assert "services.email.app" in str(info.value) and "module:attribute" in str(info.value)
+    assert "meshkit.toml:6" in str(info.value)
+    toml.write_text('[services.orders]\napp = "shop.orders:service"\nreplicas = 2\n')
+    settings = load_settings(toml, env=NO_ENV)
+    assert settings.services["orders"].app == "shop.orders:service"
+    assert settings.services["orders"].replicas == 2
+    assert settings.flat()["services"]["orders"]["replicas"] == 2

@@ -50,6 +50,7 @@ __all__ = [
     "LogSettings",
     "RegistrySettings",
     "Section",
+    "ServiceEntry",
     "Settings",
     "TracingSettings",
     "load_settings",
@@ -99,7 +100,7 @@ class RegistrySettings(Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        return _url_with_scheme(v, ("memory", "sqlite", "redis", "etcd", "consul"))
+        return _url_with_scheme(v, ("memory", "sqlite", "redis", "rediss", "etcd"))
 
 
 class DatabaseSettings(Section):
@@ -143,6 +144,24 @@ class TracingSettings(Section):
         return v
 
 
+_APP_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ServiceEntry(Section):
+    """One service of a system run by ``meshkit run``: ``[services.<name>]`` in ``meshkit.toml``."""
+
+    app: str  # "module:attribute" of the meshkit.Service, the module found in the folder of meshkit.toml
+    replicas: int = Field(default=1, ge=1, le=64)  # processes mode: how many instances
+    port: int | None = Field(default=None, ge=1, le=65535)  # the first instance's port (default: a free one)
+
+    @field_validator("app")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        if not _APP_REF.match(v):
+            raise ValueError(f"{v!r} is not 'module:attribute' (e.g. 'orders:service' or 'shop.orders:service')")
+        return v
+
+
 class Settings(Section):
     """The effective settings. Read a value with attributes (``settings.broker.url``), every value by dotted key
     with :meth:`flat`, and where one came from with :meth:`source_of`."""
@@ -152,6 +171,7 @@ class Settings(Section):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    services: dict[str, ServiceEntry] = Field(default_factory=dict)
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 

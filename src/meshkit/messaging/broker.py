@@ -207,6 +207,11 @@ class Broker:
             headers = {k: v for k, v in headers.items() if k != "partitionkey"}
         return make_message(delivery.topic, data, e, stamp, key, headers, delivery.attempt, delivery.offset)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has begun."""
+        return self._closed
+
     def dead_letters(self, topic: str) -> DeadLetters:
         """The dead letter topic of ``topic`` (``<topic>.dlq``): list its messages, replay or discard them."""
         return DeadLetters(self, topic)

@@ -1,0 +1,53 @@
+"""A tiny SQLite store for the example services: one file per service, calls run in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from meshkit import Service
+
+
+class Store:
+    def __init__(self, schema: str) -> None:
+        self._schema = schema
+        self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    def attach(self, service: Service, filename: str) -> Store:
+        """Open the store in the service's data folder when it starts, close it when it stops."""
+
+        @service.on_start
+        async def open_store() -> None:
+            await self.open(service.data_dir / filename)
+
+        @service.on_stop
+        async def close_store() -> None:
+            await self.close()
+
+        return self
+
+    async def open(self, path: Path) -> None:
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(self._schema)
+            return db
+
+        self._db = await asyncio.to_thread(connect)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.to_thread(db.close)
+
+    async def run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement in its own transaction (the replicas of a service share the file)."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("the store is not open")
+        async with self._lock:
+            return await asyncio.to_thread(lambda: db.execute(sql, params).fetchall())

@@ -1,0 +1,95 @@
+"""One instance of one service, as processes mode starts it: ``python -m meshkit.runner.child FOLDER SERVICE
+--port N --replica I``.
+
+It serves the service on its port, registers, and stops gracefully on SIGTERM or SIGINT. It also stops if the
+supervisor that started it goes away (its parent process changes), so a killed ``meshkit run`` leaves no orphans.
+Logs go to stderr as ``LEVEL logger: message``; the supervisor prefixes each line with the instance's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from meshkit import discovery, messaging
+from meshkit.client import HttpTransport
+from meshkit.errors import MeshkitError
+from meshkit.runner.serve import bind, bring_down, bring_up
+from meshkit.runner.system import load_system
+from meshkit.runtime import RunContext
+
+log = logging.getLogger("meshkit.runner")
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("the supervisor is gone; stopping")
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def run_child(folder: str, name: str, host: str, port: int, replica: int) -> None:
+    system = load_system(folder)
+    service = system.load(name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    watcher = asyncio.create_task(_watch_parent(parent, stop))
+    transport = HttpTransport()
+    try:
+        async with (
+            messaging.connect(system.broker_url("processes")) as broker,
+            discovery.connect(system.registry_url("processes")) as registry,
+        ):
+            ctx = RunContext(
+                broker=broker,
+                registry=registry,
+                transport=transport,
+                data_dir=system.data_dir(name),
+                instance_id=f"{replica}-{os.getpid()}",
+                metadata={"mode": "processes", "replica": str(replica), "pid": str(os.getpid())},
+            )
+            served = await bring_up(service, ctx, host, bind(host, port))
+            log.info("serving %s on %s", name, served.url)
+            try:
+                await stop.wait()
+                log.info("stopping: leaving the registry, finishing requests and handlers")
+            finally:
+                await bring_down([served])
+    finally:
+        watcher.cancel()
+        await transport.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshkit.runner.child")
+    parser.add_argument("folder")
+    parser.add_argument("service")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--replica", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("MESHKIT_LOG__LEVEL", "INFO").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(run_child(args.folder, args.service, args.host, args.port, args.replica))
+    except MeshkitError as exc:
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        log.error("%s%s", exc.message, hint)  # noqa: TRY400 - a configuration error needs no traceback
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Monolith mode: every service of a system in one process and one event loop.
+
+Each service still gets its own HTTP server and port (so URLs look as in processes mode), and still registers in
+the registry; but a call from one service to another goes through an in-process ASGI transport: the same client
+API, balancing, resilience and trace propagation, without an HTTP hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from meshkit import discovery, messaging
+from meshkit.client import AsgiTransport
+from meshkit.runner.serve import Served, bind, bring_down, bring_up
+from meshkit.runner.system import System
+from meshkit.runtime import RunContext
+
+__all__ = ["Ready", "run_monolith"]
+
+#: (service, instance id, URL) of each running instance, for the ready table
+Ready = list[tuple[str, str, str]]
+
+
+async def run_monolith(
+    system: System, stop: asyncio.Event, *, host: str = "127.0.0.1", on_ready: Callable[[Ready], None] | None = None
+) -> None:
+    """Run every service until ``stop`` is set, then stop them gracefully."""
+    services = [system.load(name) for name in system.services]
+    transport = AsgiTransport({s.name: s.asgi for s in services})
+    served: list[Served] = []
+    try:
+        async with (
+            messaging.connect(system.broker_url("monolith")) as broker,
+            discovery.connect(system.registry_url("monolith")) as registry,
+        ):
+            try:
+                for service in services:
+                    entry = system.services[service.name]
+                    ctx = RunContext(
+                        broker=broker,
+                        registry=registry,
+                        transport=transport,
+                        data_dir=system.data_dir(service.name),
+                        metadata={"mode": "monolith"},
+                    )
+                    served.append(await bring_up(service, ctx, host, bind(host, entry.port or 0)))
+                if on_ready is not None:
+                    on_ready(
+                        [(s.service.name, s.service.instance.id if s.service.instance else "", s.url) for s in served]
+                    )
+                await stop.wait()
+            finally:
+                await bring_down(served)
+    finally:
+        await transport.aclose()

@@ -1,0 +1,222 @@
+"""Processes mode: one process per service instance, supervised.
+
+The supervisor starts ``replicas`` children per service (``python -m meshkit.runner.child``) on ports it chooses
+(stable across restarts), merges their output into one stream with a coloured ``service.N |`` prefix (the colour
+is stable per service), restarts a child that exits on its own with an exponential backoff (reset once it has run
+for a minute), waits until every instance answers ``/readyz`` before reporting ready, and on stop sends SIGTERM to
+every child (they leave the registry and finish their work), then SIGKILL to any still running after the grace
+period. Children also stop by themselves if the supervisor dies, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from meshkit._core.optional import require
+from meshkit.errors import ConfigurationError, Unavailable
+from meshkit.resilience import Exponential
+from meshkit.runner.monolith import Ready
+from meshkit.runner.serve import bind
+from meshkit.runner.system import System
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("meshkit.runner")
+
+_COLOURS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
+_HEALTHY_RUN = 60.0  # a child that ran this long and then died starts its backoff from the beginning
+
+
+@dataclass
+class _Child:
+    service: str
+    replica: int
+    port: int
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    failures: int = 0  # exits in a row without a healthy run
+    keeper: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}.{self.replica}"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        system: System,
+        *,
+        replicas: Mapping[str, int] | None = None,
+        host: str = "127.0.0.1",
+        out: TextIO | None = None,
+        colour: bool | None = None,
+        ready_timeout: float = 120.0,
+        grace: float = 35.0,
+    ) -> None:
+        unknown = sorted(set(replicas or {}) - set(system.services))
+        if unknown:
+            raise ConfigurationError(
+                f"--replicas names {', '.join(map(repr, unknown))}, not a service of this system",
+                hint=f"the services are: {', '.join(system.services)}",
+            )
+        self.system = system
+        self.host = host
+        self.out = out or sys.stdout
+        self.colour = self.out.isatty() if colour is None else colour
+        self.ready_timeout = ready_timeout
+        self.grace = grace
+        self.backoff = Exponential(0.5, cap=30.0)
+        self._halt = asyncio.Event()
+        self.children: list[_Child] = []
+        for name, entry in system.services.items():
+            count = (replicas or {}).get(name, entry.replicas)
+            for replica in range(1, count + 1):
+                port = entry.port + replica - 1 if entry.port else _free_port(host)
+                self.children.append(_Child(name, replica, port))
+        self._width = max(len(c.label) for c in self.children)
+
+    # -- output ----------------------------------------------------------------------------------------------------
+
+    def _prefix(self, child: _Child) -> str:
+        text = f"{child.label:<{self._width}} |"
+        if not self.colour:
+            return text
+        code = _COLOURS[zlib.crc32(child.service.encode()) % len(_COLOURS)]
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+    def _say(self, child: _Child, line: str) -> None:
+        self.out.write(f"{self._prefix(child)} {line}\n")
+        self.out.flush()
+
+    async def _pump(self, child: _Child, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self._say(child, line.decode("utf-8", "replace").rstrip())
+
+    # -- children --------------------------------------------------------------------------------------------------
+
+    async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshkit.runner.child",
+            str(self.system.folder),
+            child.service,
+            "--host",
+            self.host,
+            "--port",
+            str(child.port),
+            "--replica",
+            str(child.replica),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+        )
+
+    async def _keep(self, child: _Child) -> None:
+        """Run ``child``, and run it again whenever it exits on its own (with a backoff)."""
+        rng = random.Random()
+        while not self._halt.is_set():
+            started = time.monotonic()
+            process = child.process = await self._spawn(child)
+            assert process.stdout is not None
+            await self._pump(child, process.stdout)
+            code = await process.wait()
+            if self._halt.is_set():
+                return
+            child.failures = 1 if time.monotonic() - started >= _HEALTHY_RUN else child.failures + 1
+            delay = self.backoff.delay(child.failures, 0.0, rng)
+            self._say(child, f"exited with code {code}; restarting in {delay:.1f} s")
+            log.warning("instance exited", extra={"instance": child.label, "code": code, "restart_in": delay})
+            with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
+                await asyncio.wait_for(self._halt.wait(), delay)
+            child.restarts += 1
+
+    async def _ready(self, child: _Child, deadline: float) -> None:
+        aiohttp = require("aiohttp", "service")
+        url = f"http://{self.host}:{child.port}/readyz"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"{child.label} did not become ready at {url} within {self.ready_timeout:.0f} s",
+                        hint="its lines above say why (an import error, a port in use, a failing readiness check)",
+                    )
+                await asyncio.sleep(0.1)
+
+    async def _all_ready(self, deadline: float) -> None:
+        await asyncio.gather(*(self._ready(c, deadline) for c in self.children))
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[Ready], None] | None = None) -> None:
+        """Start every child, report ready, run until ``stop`` is set, then stop every child gracefully."""
+        try:
+            for child in self.children:
+                child.keeper = asyncio.create_task(self._keep(child), name=f"meshkit-keep-{child.label}")
+            deadline = time.monotonic() + self.ready_timeout
+            waiting = asyncio.create_task(self._all_ready(deadline))
+            stopped = asyncio.create_task(stop.wait())
+            either: set[asyncio.Task[Any]] = {waiting, stopped}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if waiting in done:
+                waiting.result()
+                if on_ready is not None:
+                    on_ready([(c.service, c.label, f"http://{self.host}:{c.port}") for c in self.children])
+                await stop.wait()
+            else:
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Unavailable):
+                    await waiting
+            stopped.cancel()
+        finally:
+            await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        self._halt.set()
+        running = [c for c in self.children if c.process is not None and c.process.returncode is None]
+        for child in running:
+            assert child.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        keepers = [c.keeper for c in self.children if c.keeper is not None]
+        done, pending = await asyncio.wait(keepers, timeout=self.grace) if keepers else (set(), set())
+        for child in self.children:
+            if child.process is not None and child.process.returncode is None:
+                self._say(child, f"did not stop within {self.grace:.0f} s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+        for task in pending:
+            task.cancel()
+        for task in [*done, *pending]:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception:
+                    log.exception("an instance keeper failed")
+        for child in self.children:
+            if child.process is not None and child.process.returncode is None:
+                await child.process.wait()
+
+
+def _free_port(host: str) -> int:
+    sock = bind(host, 0)
+    try:
+        return int(sock.getsockname()[1])
+    finally:
+        sock.close()

@@ -1,0 +1,363 @@
+"""One service: its HTTP app, its message handlers, its clients to other services, its lifecycle and health.
+
+A :class:`Service` is declared at import time (routes, handlers, clients) and does nothing until a runner starts
+it with a :class:`RunContext`: the broker, the registry and the transport its clients use. The lifecycle::
+
+    await service.start(ctx)          # on_start hooks, clients, message subscriptions
+    ... the runner serves service.asgi on a port ...
+    await service.register(host, port)  # join the registry (a TTL lease, heartbeated)
+    ... running ...
+    await service.deregister()        # leave the registry first: clients stop choosing this instance
+    ... the runner stops the HTTP server, which finishes the requests in flight ...
+    await service.stop()              # subscriptions drain their handlers, on_stop hooks, clients close
+
+``service.asgi`` is the app to serve: ``/healthz`` (liveness: the process answers) and ``/readyz`` (readiness:
+started, registered, broker open, every readiness check passing) in front of the service's own app, and every
+request runs inside the trace context its ``traceparent`` header carries, so the calls and messages it makes
+join the caller's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from meshkit._core.optional import require
+from meshkit.client import ClientOptions, Response, ServiceClient, Transport
+from meshkit.discovery import Instance, Lease, Registry
+from meshkit.errors import ConfigurationError
+from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
+from meshkit.tracing import extracted
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["Downstream", "RunContext", "Service"]
+
+log = logging.getLogger("meshkit.runtime")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+Check = Callable[[], Awaitable[None]]
+MessageHandler = Callable[[Message], Awaitable[None]]
+H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a runner gives a service to run with. The runner owns (opens and closes) every one of these."""
+
+    broker: Broker
+    registry: Registry
+    transport: Transport  # how this service's clients reach instances: HTTP, or in-process in monolith mode
+    data_dir: Path  # where the service keeps its files (its SQLite databases)
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    ttl: float = 10.0  # the registry lease; heartbeats every ttl / 3
+    client_options: ClientOptions | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)  # added to the instance's (e.g. mode, replica)
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    topic: str
+    group: str
+    handler: MessageHandler
+    options: SubscriptionOptions | None
+
+
+class Downstream:
+    """Another service, as this one calls it: ``payments = orders.client("payments")`` at import time, then
+    ``await payments.post("/charges", json=...)`` while the service runs. Each call resolves an instance through
+    the registry and goes through the client's balancing and resilience (see :mod:`meshkit.client`)."""
+
+    def __init__(self, owner: Service, name: str, options: ClientOptions | None) -> None:
+        self.name = name
+        self._owner = owner
+        self._options = options
+        self._client: ServiceClient | None = None
+
+    @property
+    def client(self) -> ServiceClient:
+        if self._client is None:
+            raise ConfigurationError(
+                f"service {self._owner.name!r} is not running, so its client to {self.name!r} cannot call yet",
+                hint="call other services from handlers, routes and hooks (after the service started)",
+            )
+        return self._client
+
+    def _bind(self, ctx: RunContext) -> None:
+        options = self._options or ctx.client_options
+        self._client = ServiceClient(self.name, ctx.registry, options=options, transport=ctx.transport)
+
+    async def _unbind(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Response:
+        return await self.client.request(method, path, **kwargs)
+
+    async def get(self, path: str, **kwargs: Any) -> Response:
+        return await self.client.get(path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> Response:
+        return await self.client.post(path, **kwargs)
+
+    async def put(self, path: str, **kwargs: Any) -> Response:
+        return await self.client.put(path, **kwargs)
+
+    async def patch(self, path: str, **kwargs: Any) -> Response:
+        return await self.client.patch(path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> Response:
+        return await self.client.delete(path, **kwargs)
+
+
+class Service:
+    """A named service: ``Service("orders", version="1.2.0")``. See the module docstring for its lifecycle."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str = "",
+        http: ASGIApp | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> None:
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigurationError(
+                f"invalid service name {name!r}", hint="use letters, digits, '-', '_' or '.', e.g. 'orders'"
+            )
+        self.name = name
+        self.version = version
+        self.metadata = dict(metadata or {})
+        self.tags = tuple(tags)
+        self._http: ASGIApp | None = http
+        self._subscriptions: list[_Subscription] = []
+        self._downstreams: dict[str, Downstream] = {}
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+        self._checks: dict[str, Check] = {}
+        self._ctx: RunContext | None = None
+        self._running: list[Subscription] = []
+        self._lease: Lease | None = None
+        self._stopping = False
+        self.asgi: ASGIApp = self._serve
+
+    # -- declaring -------------------------------------------------------------------------------------------------
+
+    @property
+    def http(self) -> FastAPI:
+        """The service's FastAPI app (created on first use), for routes as usual: ``@service.http.get("/x")``.
+
+        A service made with ``Service(name, http=app)`` serves that ASGI app instead; ``http`` then returns it
+        only if it is a FastAPI app.
+        """
+        fastapi = require("fastapi", "service")
+        if self._http is None:
+            self._http = fastapi.FastAPI(title=self.name, version=self.version or "0")
+        if not isinstance(self._http, fastapi.FastAPI):
+            raise ConfigurationError(
+                f"service {self.name!r} serves an ASGI app that is not FastAPI",
+                hint="add routes to the app you attached, or create the Service without http= to get a FastAPI app",
+            )
+        return cast("FastAPI", self._http)
+
+    def subscribe(
+        self, topic: str, *, group: str | None = None, options: SubscriptionOptions | None = None
+    ) -> Callable[[H], H]:
+        """Handle ``topic``'s messages: ``@service.subscribe("order.created")``. ``group`` defaults to the
+        service's name, so the replicas of one service share the work and every other service gets its own
+        copy of each message (pub/sub between services, work queue within one)."""
+
+        def register(handler: H) -> H:
+            checked: Any = handler  # (iscoroutinefunction would narrow H away)
+            if not inspect.iscoroutinefunction(checked):
+                raise ConfigurationError(
+                    f"the handler {getattr(handler, '__name__', handler)!r} of {topic!r} is not async",
+                    hint="declare it with 'async def'",
+                )
+            self._subscriptions.append(_Subscription(topic, group or self.name, handler, options))
+            return handler
+
+        return register
+
+    def client(self, name: str, *, options: ClientOptions | None = None) -> Downstream:
+        """The client to another service (one per name; asking twice gives the same one)."""
+        downstream = self._downstreams.get(name)
+        if downstream is None:
+            downstream = self._downstreams[name] = Downstream(self, name, options)
+        return downstream
+
+    def on_start(self, hook: Hook) -> Hook:
+        """Run ``hook`` when the service starts, before it subscribes and registers (e.g. create tables)."""
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: Hook) -> Hook:
+        """Run ``hook`` when the service stops, after its requests and handlers finished."""
+        self._on_stop.append(hook)
+        return hook
+
+    def readiness(self, name: str) -> Callable[[Check], Check]:
+        """A readiness check: ``/readyz`` answers 503 while it raises (e.g. the database is unreachable)."""
+
+        def register(check: Check) -> Check:
+            self._checks[name] = check
+            return check
+
+        return register
+
+    # -- while running ---------------------------------------------------------------------------------------------
+
+    @property
+    def context(self) -> RunContext:
+        if self._ctx is None:
+            raise ConfigurationError(
+                f"service {self.name!r} is not running",
+                hint="use the broker, the registry and data_dir from handlers, routes and hooks",
+            )
+        return self._ctx
+
+    @property
+    def broker(self) -> Broker:
+        return self.context.broker
+
+    @property
+    def data_dir(self) -> Path:
+        return self.context.data_dir
+
+    @property
+    def instance(self) -> Instance | None:
+        """This instance as registered (None until :meth:`register`)."""
+        return self._lease.instance if self._lease is not None else None
+
+    async def publish(self, topic: str, data: Any, *, key: str | None = None, **kwargs: Any) -> str:
+        """Publish through the service's broker (the message id is returned)."""
+        return await self.broker.publish(topic, data, key=key, **kwargs)
+
+    # -- lifecycle (called by the runner) --------------------------------------------------------------------------
+
+    async def start(self, ctx: RunContext) -> None:
+        if self._ctx is not None:
+            raise ConfigurationError(f"service {self.name!r} is already running")
+        self._ctx = ctx
+        self._stopping = False
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        for downstream in self._downstreams.values():
+            downstream._bind(ctx)
+        try:
+            for hook in self._on_start:
+                await hook()
+            for sub in self._subscriptions:
+                self._running.append(
+                    await ctx.broker.subscribe(sub.topic, sub.handler, group=sub.group, options=sub.options)
+                )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("service started", extra={"service": self.name, "subscriptions": len(self._running)})
+
+    async def register(self, host: str, port: int) -> Instance:
+        """Join the registry at ``host:port`` with a heartbeated lease."""
+        ctx = self.context
+        instance = Instance(
+            self.name,
+            f"{self.name}-{ctx.instance_id}",
+            host,
+            port,
+            version=self.version,
+            metadata={**self.metadata, **ctx.metadata},
+            tags=self.tags,
+        )
+        self._lease = await ctx.registry.register(instance, ttl=ctx.ttl)
+        log.info(
+            "service registered", extra={"service": self.name, "instance": instance.id, "address": instance.address}
+        )
+        return self._lease.instance
+
+    async def deregister(self) -> None:
+        """Leave the registry (the first step of a graceful stop: clients stop choosing this instance)."""
+        self._stopping = True
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.aclose()
+
+    async def stop(self) -> None:
+        """Drain and close what :meth:`start` opened; safe to call twice or after a failed start."""
+        await self.deregister()
+        running, self._running = self._running, []
+        for subscription in running:
+            try:
+                await subscription.aclose()
+            except Exception:
+                log.exception("a subscription did not close cleanly", extra={"service": self.name})
+        if self._ctx is not None:
+            for hook in self._on_stop:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("an on_stop hook failed", extra={"service": self.name})
+        for downstream in self._downstreams.values():
+            await downstream._unbind()
+        self._ctx = None
+        log.info("service stopped", extra={"service": self.name})
+
+    # -- health and the served app ---------------------------------------------------------------------------------
+
+    async def readiness_report(self) -> tuple[bool, dict[str, str]]:
+        """``(ready, {check: "ok" | what failed})``: started, registered, broker open, every readiness check."""
+        report: dict[str, str] = {}
+        report["started"] = "ok" if self._ctx is not None else "not started"
+        report["registered"] = "ok" if self._lease is not None and not self._stopping else "not registered"
+        if self._ctx is not None:
+            report["broker"] = "ok" if not self._ctx.broker.closed else "closed"
+        for name, check in self._checks.items():
+            try:
+                await asyncio.wait_for(check(), timeout=5.0)
+            except Exception as exc:
+                report[name] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                report[name] = "ok"
+        return all(v == "ok" for v in report.values()), report
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz"):
+            if scope["path"] == "/healthz":
+                await _json(send, 200, {"status": "ok", "service": self.name})
+            else:
+                ready, report = await self.readiness_report()
+                await _json(send, 200 if ready else 503, {"ready": ready, "service": self.name, "checks": report})
+            return
+        app = self._http
+        if app is None:
+            app = self.http  # creates the FastAPI app: a service with no routes still answers 404s properly
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            with extracted(headers):
+                await app(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+
+async def _json(send: Send, status: int, body: object) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,138 @@
+"""Processes mode under load: an instance killed, one stopped gracefully, and the callers never notice.
+
+Three instances of a small service run under the supervisor (``meshkit run``'s processes mode) with the SQLite
+registry; the test is a caller with a :class:`~meshkit.client.ServiceClient` and 8 concurrent request loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import Awaitable
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+from meshkit import discovery
+from meshkit.client import ServiceClient
+from meshkit.errors import MeshkitError
+from meshkit.runner import Supervisor, load_system
+from meshkit.testing import eventually
+
+ECHO = """
+import asyncio
+import os
+
+from meshkit import Service
+
+service = Service("echo")
+
+
+@service.http.get("/work")
+async def work(ms: int = 20) -> dict[str, object]:
+    await asyncio.sleep(ms / 1000)
+    return {"instance": service.instance.id if service.instance else None, "pid": os.getpid()}
+
+
+@service.http.post("/work")
+async def work_once(ms: int = 20) -> dict[str, object]:
+    return await work(ms)
+"""
+
+
+@pytest.mark.anyio
+async def test_killed_and_stopped_instances_cost_the_callers_nothing(tmp_path: Path) -> None:
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "meshkit.toml").write_text('[services.echo]\napp = "echo:service"\nreplicas = 3\n')
+    system = load_system(tmp_path)
+    out = StringIO()
+    supervisor = Supervisor(system, out=out, colour=False)
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop, on_ready=lambda rows: ready.set()))
+    failures: list[str] = []
+    served: Counter[str] = Counter()
+    loading = True
+    try:
+        await eventually(lambda: ready.is_set() or running.done(), "every instance ready", timeout=180)
+        assert not running.done(), out.getvalue()
+        async with (
+            discovery.connect(system.registry_url("processes")) as registry,
+            ServiceClient("echo", registry) as client,
+        ):
+
+            async def ids_in_rotation() -> set[str]:
+                return {i.id for i in await client.instances()}
+
+            async def ids_registered() -> set[str]:
+                return {i.id for i in await registry.list("echo")}
+
+            await eventually(lambda: _len(ids_in_rotation(), 3), "three instances in rotation")
+
+            async def load(method: str = "GET") -> None:
+                while loading:
+                    try:
+                        response = await client.request(method, "/work", params={"ms": "20"})
+                    except MeshkitError as exc:
+                        failures.append(repr(exc))
+                        continue
+                    if response.status != 200:
+                        failures.append(f"{response.status} from {response.instance and response.instance.id}")
+                    else:
+                        served[response.json()["instance"]] += 1
+
+            loaders = [asyncio.create_task(load()) for _ in range(8)]
+            try:
+                await eventually(lambda: len(served) == 3, "traffic reaches all three instances")
+
+                # 1. SIGKILL: in-flight requests to it fail over; it leaves rotation before its lease expires
+                victim = supervisor.children[0]
+                assert victim.process is not None
+                victim_id = f"echo-1-{victim.process.pid}"
+                assert victim_id in await ids_registered()
+                os.kill(victim.process.pid, signal.SIGKILL)
+                await eventually(lambda: _lacks(ids_in_rotation(), victim_id), "the killed instance out of rotation")
+                assert victim_id in await ids_registered(), "ejected passively, before the registry's TTL expired"
+                await eventually(lambda: _lacks(ids_registered(), victim_id), "its lease expires", timeout=90)
+
+                # 2. the supervisor restarts it, and the new instance re-enters rotation and gets traffic
+                def restarted() -> str | None:
+                    p = victim.process
+                    return f"echo-1-{p.pid}" if p is not None and f"echo-1-{p.pid}" != victim_id else None
+
+                await eventually(lambda: restarted() is not None, "the supervisor restarted it", timeout=90)
+                fresh = restarted()
+                assert fresh is not None
+                await eventually(lambda: served[fresh] > 0, "the restarted instance serves traffic", timeout=90)
+
+                # 3. SIGTERM: the instance leaves the registry, finishes what it holds, exits 0; nothing fails,
+                # not even POSTs, which the client never retries: no request in flight is dropped
+                loaders += [asyncio.create_task(load("POST")) for _ in range(4)]
+                leaving = supervisor.children[1]
+                assert leaving.process is not None
+                leaving_id = f"echo-2-{leaving.process.pid}"
+                leaving.process.send_signal(signal.SIGTERM)
+                await eventually(lambda: _lacks(ids_registered(), leaving_id), "it deregistered at once")
+                before = sum(served.values())
+                await eventually(lambda: sum(served.values()) > before + 50, "more traffic after it left")
+                await eventually(lambda: "exited with code 0;" in out.getvalue(), "it finished and exited with 0")
+            finally:
+                loading = False
+                await asyncio.gather(*loaders)
+        assert failures == [], failures[:10]
+        assert "exited with code -9; restarting" in out.getvalue()
+    finally:
+        stop.set()
+        await running
+    assert all(c.process is None or c.process.returncode is not None for c in supervisor.children)
+
+
+async def _len(ids: Awaitable[set[str]], n: int) -> bool:
+    return len(await ids) == n
+
+
+async def _lacks(ids: Awaitable[set[str]], member: str) -> bool:
+    return member not in await ids

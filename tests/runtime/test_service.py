@@ -1,0 +1,129 @@
+"""The Service runtime in one process: memory broker and registry, calls through the in-process transport."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkit import Service, discovery, messaging
+from meshkit.client import AsgiTransport
+from meshkit.errors import ConfigurationError
+from meshkit.messaging import Message
+from meshkit.runtime import RunContext
+from meshkit.testing import eventually
+
+
+def test_bad_declarations_are_refused_clearly() -> None:
+    with pytest.raises(ConfigurationError, match="invalid service name"):
+        Service("orders service")
+    service = Service("orders")
+
+    def not_async(message: Message) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="is not async") as info:
+        service.subscribe("order.created")(not_async)  # type: ignore[type-var]
+    assert info.value.hint is not None and "async def" in info.value.hint
+
+
+@pytest.mark.anyio
+async def test_a_client_called_before_the_service_runs_says_so() -> None:
+    service = Service("orders")
+    payments = service.client("payments")
+    assert service.client("payments") is payments, "one client per downstream"
+    with pytest.raises(ConfigurationError, match="is not running") as info:
+        await payments.get("/x")
+    assert info.value.hint is not None
+
+
+async def _asgi_get(app: Any, path: str) -> tuple[int, dict[str, Any]]:
+    """Call an ASGI app directly (what a server would do) and decode its JSON answer."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b"", "http_version": "1.1"}
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+@pytest.mark.anyio
+async def test_lifecycle_registers_serves_handles_and_leaves_in_order(tmp_path: Path) -> None:
+    events: list[str] = []
+    payments = Service("payments", version="2.1.0", metadata={"zone": "a"})
+    orders = Service("orders")
+    to_payments = orders.client("payments")
+    database_up = True
+
+    @payments.http.post("/charges", status_code=201)
+    async def charge(body: dict[str, int]) -> dict[str, int]:
+        return {"charged": body["amount"]}
+
+    @payments.readiness("database")
+    async def database() -> None:
+        if not database_up:
+            raise ConnectionError("database unreachable")
+
+    @payments.on_start
+    async def started() -> None:
+        events.append("payments started")
+
+    @payments.on_stop
+    async def stopped() -> None:
+        events.append("payments stopped")
+
+    @orders.subscribe("charge.made")
+    async def on_charge(message: Message) -> None:
+        events.append(f"orders saw {message.data['amount']}")
+
+    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
+        transport = AsgiTransport({"payments": payments.asgi, "orders": orders.asgi})
+        for service in (payments, orders):
+            await service.start(RunContext(broker, registry, transport, data_dir=tmp_path / service.name))
+        status, report = await _asgi_get(payments.asgi, "/readyz")
+        assert status == 503 and report["checks"]["registered"] == "not registered"
+        instance = await payments.register("127.0.0.1", 8001)
+        await orders.register("127.0.0.1", 8002)
+        assert instance.version == "2.1.0" and instance.metadata["zone"] == "a"
+        assert [i.id for i in await registry.list("payments")] == [instance.id]
+        assert (tmp_path / "payments").is_dir(), "each service gets its data folder"
+
+        status, report = await _asgi_get(payments.asgi, "/readyz")
+        assert status == 200 and report["ready"] is True, report
+        database_up = False
+        status, report = await _asgi_get(payments.asgi, "/readyz")
+        assert status == 503 and "database unreachable" in report["checks"]["database"]
+        assert (await _asgi_get(payments.asgi, "/healthz"))[0] == 200, "liveness does not depend on readiness"
+
+        response = await to_payments.post("/charges", json={"amount": 7})
+        assert response.status == 201 and response.json() == {"charged": 7}
+        await payments.publish("charge.made", {"amount": 7})
+        await eventually(lambda: "orders saw 7" in events, "orders' handler (group 'orders') got the message")
+
+        await payments.deregister()
+        assert await registry.list("payments") == [], "deregister leaves the registry at once"
+        status, report = await _asgi_get(payments.asgi, "/readyz")
+        assert status == 503, "a leaving instance is not ready"
+        for service in (orders, payments):
+            await service.stop()
+        await transport.aclose()
+    assert events == ["payments started", "orders saw 7", "payments stopped"]
+    with pytest.raises(ConfigurationError, match="is not running"):
+        await to_payments.get("/x")
+
+
+def test_an_attached_asgi_app_that_is_not_fastapi_is_served_but_has_no_http_routes() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    service = Service("legacy", http=app)
+    with pytest.raises(ConfigurationError, match="not FastAPI"):
+        _ = service.http

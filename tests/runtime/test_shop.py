@@ -1,0 +1,215 @@
+"""``meshkit run examples/shop``: the same example, the same checks, in monolith and in processes mode.
+
+The shop is copied to a temporary folder (its .meshkit/ state stays out of the repository) and run as a user
+runs it; the test reads the instance URLs from the ready table, places an order through the orders service
+(which calls payments and shipping through the service client) and waits for ``order.created`` to reach email,
+inventory and analytics. Ctrl-C (SIGINT) must stop everything cleanly: exit 0, no traceback, no process left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOP = ROOT / "examples" / "shop"
+SERVICES = {"orders", "payments", "inventory", "shipping", "email", "analytics"}
+
+
+class Running:
+    """A ``meshkit run`` process whose output is collected by a thread (so a full pipe never blocks it)."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meshkit", "run", str(folder), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def urls(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for match in re.finditer(r"│\s*([a-z]+)\s*│\s*(\S+)\s*│\s*(http://[\d.:]+)\s*│", self.output):
+            found.setdefault(match.group(1), []).append(match.group(3))
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            code = self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"meshkit run did not stop on SIGINT:\n{self.output}") from None
+        self._reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+
+def call(method: str, url: str, body: object | None = None) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    folder = tmp_path / "shop"
+    shutil.copytree(SHOP, folder, ignore=shutil.ignore_patterns(".meshkit", "__pycache__"))
+    return folder
+
+
+def pids_of(folder: Path) -> list[int]:
+    """Processes whose command line names ``folder`` (the children of processes mode)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in cmdline and "meshkit.runner.child" in cmdline:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["monolith", "processes"])
+def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
+    run = Running(shop, "--mode", mode)
+    try:
+        wait_until(
+            lambda: "Ctrl-C stops everything" in run.output or run.process.poll() is not None,
+            "the ready table",
+            timeout=180,
+            every=0.1,
+        )
+        assert run.process.poll() is None, f"meshkit run exited early:\n{run.output}"
+        urls = run.urls()
+        assert set(urls) == SERVICES, run.output
+        assert "curl -s -X POST http://" in run.output, "the ready output shows what to try"
+        orders = urls["orders"][0]
+
+        status, order = call(
+            "POST", f"{orders}/orders", {"customer": "ada", "email": "a@x", "sku": "book", "quantity": 2}
+        )
+        assert status == 201, order
+        assert isinstance(order, dict) and order["total"] == 3000
+        status, stored = call("GET", f"{orders}/orders/{order['id']}")
+        assert status == 200 and isinstance(stored, dict) and stored["charge"] == order["charge"]
+
+        def fanned_out() -> bool:
+            _, sent = call("GET", f"{urls['email'][0]}/sent")
+            _, stock = call("GET", f"{urls['inventory'][0]}/stock/book")
+            _, stats = call("GET", f"{urls['analytics'][0]}/stats")
+            return (
+                isinstance(sent, list)
+                and [s["order"] for s in sent] == [order["id"]]
+                and isinstance(stock, dict)
+                and stock["quantity"] == 98
+                and isinstance(stats, dict)
+                and stats["orders"] == 1
+            )
+
+        wait_until(fanned_out, "order.created handled by email, inventory and analytics", timeout=60, every=0.2)
+
+        status, declined = call(
+            "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "lamp", "quantity": 3}
+        )
+        assert status == 402, declined  # 14,700 cents: payments declines, orders says so
+        status, unknown = call(
+            "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "car", "quantity": 1}
+        )
+        assert status == 404 and "unknown sku" in json.dumps(unknown)
+
+        status, ready = call("GET", f"{urls['payments'][0]}/readyz")
+        assert status == 200 and isinstance(ready, dict) and ready["ready"] is True
+    finally:
+        code = run.stop()
+    assert code == 0, run.output
+    assert "Traceback" not in run.output, run.output
+    assert "stopped." in run.output
+    if mode == "processes":
+        assert pids_of(shop) == [], "a child outlived meshkit run"
+
+
+def test_meshkit_run_explains_a_folder_without_meshkit_toml(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkit", "run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "error: no meshkit.toml at" in out.stderr and "hint:" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--mode", "cluster"], "unknown mode 'cluster'"),
+        (["--replicas", "orders"], "is not name=N"),
+        (["--replicas", "nope=2"], "'nope', not a service"),
+        (["--mode", "monolith", "--replicas", "orders=2"], "--replicas needs --mode processes"),
+    ],
+)
+def test_meshkit_run_refuses_bad_options_clearly(shop: Path, args: list[str], expected: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkit", "run", str(shop), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_service_that_cannot_be_imported_is_named(shop: Path) -> None:
+    (shop / "shop" / "email.py").write_text("import no_such_module_here\n")
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkit", "run", str(shop), "--mode", "monolith"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot import 'shop.email' for service 'email'" in out.stderr
+    assert time.monotonic() - started < 120
