@@ -18,6 +18,7 @@ import pytest
 
 from meshkit import discovery
 from meshkit.client import ServiceClient
+from meshkit.discovery.health import CheckPolicy
 from meshkit.errors import MeshkitError
 from meshkit.runner import Supervisor, load_system
 from meshkit.testing import eventually
@@ -35,6 +36,12 @@ service = Service("echo")
 async def work(ms: int = 20) -> dict[str, object]:
     await asyncio.sleep(ms / 1000)
     return {"instance": service.instance.id if service.instance else None, "pid": os.getpid()}
+
+
+@service.readiness("flag")
+async def flag() -> None:
+    if os.path.exists(f"sick-{os.getpid()}"):
+        raise RuntimeError("told to be sick")
 
 
 @service.http.post("/work")
@@ -136,3 +143,43 @@ async def _len(ids: Awaitable[set[str]], n: int) -> bool:
 
 async def _lacks(ids: Awaitable[set[str]], member: str) -> bool:
     return member not in await ids
+
+
+@pytest.mark.anyio
+async def test_an_instance_failing_its_health_checks_leaves_rotation_and_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor's active checks (GET /readyz) mark an instance critical in the registry after repeated
+    failures; clients drop it from rotation; once it passes again it is back."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "meshkit.toml").write_text('[services.echo]\napp = "echo:service"\nreplicas = 2\n')
+    system = load_system(tmp_path)
+    supervisor = Supervisor(system, out=StringIO(), colour=False, health=CheckPolicy(interval=0.2, timeout=2.0))
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop, on_ready=lambda rows: ready.set()))
+    try:
+        await eventually(lambda: ready.is_set() or running.done(), "every instance ready", timeout=180)
+        assert not running.done()
+        sick = supervisor.children[0]
+        assert sick.process is not None
+        sick_id = f"echo-1-{sick.process.pid}"
+        async with (
+            discovery.connect(system.registry_url("processes")) as registry,
+            ServiceClient("echo", registry) as client,
+        ):
+
+            async def in_rotation() -> set[str]:
+                return {i.id for i in await client.instances()}
+
+            await eventually(lambda: _len(in_rotation(), 2), "both in rotation")
+            flag = tmp_path / f"sick-{sick.process.pid}"  # the children run in the folder of meshkit.toml
+            flag.write_text("")
+            await eventually(lambda: _lacks(in_rotation(), sick_id), "the failing instance out of rotation")
+            (status,) = [i.status for i in await registry.list("echo", healthy_only=False) if i.id == sick_id]
+            assert status.value == "critical"
+            flag.unlink()
+            await eventually(lambda: _len(in_rotation(), 2), "back in rotation once it passes again")
+    finally:
+        stop.set()
+        await running

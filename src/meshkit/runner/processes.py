@@ -23,7 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from meshkit import discovery
 from meshkit._core.optional import require
+from meshkit.discovery.health import CheckPolicy, HealthChecker, HttpProbe
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.resilience import Exponential
 from meshkit.runner.monolith import Ready
@@ -64,6 +66,7 @@ class Supervisor:
         colour: bool | None = None,
         ready_timeout: float = 120.0,
         grace: float = 35.0,
+        health: CheckPolicy | None = None,
     ) -> None:
         unknown = sorted(set(replicas or {}) - set(system.services))
         if unknown:
@@ -77,6 +80,7 @@ class Supervisor:
         self.colour = self.out.isatty() if colour is None else colour
         self.ready_timeout = ready_timeout
         self.grace = grace
+        self.health = health or CheckPolicy(interval=2.0, timeout=2.0)
         self.backoff = Exponential(0.5, cap=30.0)
         self._halt = asyncio.Event()
         self.children: list[_Child] = []
@@ -124,6 +128,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             env=env,
+            cwd=self.system.folder,  # relative paths in a service mean the same in every instance
         )
 
     async def _keep(self, child: _Child) -> None:
@@ -161,11 +166,20 @@ class Supervisor:
                     )
                 await asyncio.sleep(0.1)
 
+    async def _check_health(self) -> None:
+        """Active health checks of every instance (``GET /readyz``): one that fails them leaves the rotation of
+        every client (its registry status turns critical) until it passes again."""
+        async with discovery.connect(self.system.registry_url("processes")) as registry:
+            checker = HealthChecker(registry, list(self.system.services), HttpProbe("/readyz"), self.health)
+            async with checker:
+                await asyncio.Event().wait()  # until cancelled with the supervisor
+
     async def _all_ready(self, deadline: float) -> None:
         await asyncio.gather(*(self._ready(c, deadline) for c in self.children))
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Ready], None] | None = None) -> None:
         """Start every child, report ready, run until ``stop`` is set, then stop every child gracefully."""
+        checks = asyncio.create_task(self._check_health(), name="meshkit-health-checks")
         try:
             for child in self.children:
                 child.keeper = asyncio.create_task(self._keep(child), name=f"meshkit-keep-{child.label}")
@@ -185,6 +199,13 @@ class Supervisor:
                     await waiting
             stopped.cancel()
         finally:
+            checks.cancel()
+            try:
+                await checks
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the health checks stopped with an error")
             await self._stop_all()
 
     async def _stop_all(self) -> None:
