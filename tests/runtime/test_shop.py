@@ -156,6 +156,7 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
 
         status, ready = call("GET", f"{urls['payments'][0]}/readyz")
         assert status == 200 and isinstance(ready, dict) and ready["ready"] is True
+        assert ready["checks"] == {"started": "ok", "registered": "ok", "broker": "ok", "database": "ok"}
     finally:
         code = run.stop()
     assert code == 0, run.output

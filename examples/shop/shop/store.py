@@ -17,7 +17,8 @@ class Store:
         self._lock = asyncio.Lock()
 
     def attach(self, service: Service, filename: str) -> Store:
-        """Open the store in the service's data folder when it starts, close it when it stops."""
+        """Open the store in the service's data folder when it starts, close it when it stops, and make the
+        service's readiness depend on it."""
 
         @service.on_start
         async def open_store() -> None:
@@ -26,6 +27,10 @@ class Store:
         @service.on_stop
         async def close_store() -> None:
             await self.close()
+
+        @service.readiness("database")
+        async def database_answers() -> None:  # /readyz fails while the database does not answer
+            await self.run("SELECT 1")
 
         return self
 
