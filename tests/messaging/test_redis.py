@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -397,15 +396,13 @@ async def test_closing_after_the_stream_was_deleted_is_quiet(prefix: str) -> Non
 @pytest.mark.anyio
 async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
     url = "redis://127.0.0.1:1/0?connect_timeout=2"
-    start = time.monotonic()
-    async with connect(url) as broker:
+    async with asyncio.timeout(120), connect(url) as broker:  # a hang fails the test (TimeoutError), not a slow run
         with pytest.raises(Unavailable) as info:
             await broker.publish("t", 1)
         with pytest.raises(Unavailable):
             await broker.subscribe("t", _noop, group="g")
     assert "redis://127.0.0.1:1/0" in str(info.value)
     assert info.value.hint is not None and "server running" in info.value.hint
-    assert time.monotonic() - start < 30, "an unreachable server must fail, not hang"
 
 
 @pytest.mark.anyio
@@ -417,10 +414,9 @@ async def test_a_server_that_never_answers_times_out_with_a_clear_error() -> Non
     port = silent.getsockname()[1]
     try:
         async with connect(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3&connect_timeout=0.3") as broker:
-            start = time.monotonic()
             with pytest.raises(Unavailable) as info:
-                await broker.publish("t", 1)
-            assert time.monotonic() - start < 30
+                async with asyncio.timeout(120):  # the socket timeout must end it; a hang fails with TimeoutError
+                    await broker.publish("t", 1)
     finally:
         silent.close()
     assert f"127.0.0.1:{port}" in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from meshkit.errors import ConfigurationError
 from meshkit.messaging import Message
 from meshkit.runtime import RunContext
 from meshkit.testing import eventually
+from meshkit.tracing import current_headers
 
 
 def test_bad_declarations_are_refused_clearly() -> None:
@@ -127,3 +129,31 @@ def test_an_attached_asgi_app_that_is_not_fastapi_is_served_but_has_no_http_rout
     service = Service("legacy", http=app)
     with pytest.raises(ConfigurationError, match="not FastAPI"):
         _ = service.http
+
+
+@pytest.mark.anyio
+async def test_a_request_runs_in_the_trace_context_its_traceparent_carries() -> None:
+    service = Service("traced")
+    seen: list[dict[str, str]] = []
+
+    @service.http.get("/where")
+    async def where() -> dict[str, str]:
+        seen.append(current_headers())
+        return {}
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    for headers in ([(b"traceparent", parent.encode())], []):
+        scope = {"type": "http", "method": "GET", "path": "/where", "headers": headers, "query_string": b""}
+        scope["http_version"] = "1.1"
+        await service.asgi(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert "0af7651916cd43dd8448eb211c80319c" in seen[0].get("traceparent", "")
+    assert "0af7651916cd43dd8448eb211c80319c" not in seen[1].get("traceparent", "")

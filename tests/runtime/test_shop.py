@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -203,7 +202,6 @@ def test_meshkit_run_refuses_bad_options_clearly(shop: Path, args: list[str], ex
 
 def test_a_service_that_cannot_be_imported_is_named(shop: Path) -> None:
     (shop / "shop" / "email.py").write_text("import no_such_module_here\n")
-    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "meshkit", "run", str(shop), "--mode", "monolith"],
         capture_output=True,
@@ -213,4 +211,3 @@ def test_a_service_that_cannot_be_imported_is_named(shop: Path) -> None:
     )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "cannot import 'shop.email' for service 'email'" in out.stderr
-    assert time.monotonic() - started < 120

@@ -343,8 +343,9 @@ class Service:
         app = self._http
         if app is None:
             app = self.http  # creates the FastAPI app: a service with no routes still answers 404s properly
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        raw = scope.get("headers", ()) if scope["type"] == "http" else ()
+        if any(k == b"traceparent" for k, _ in raw):  # the common untraced request builds no dict
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}  # ASGI names are lower-case
             with extracted(headers):
                 await app(scope, receive, send)
         else:
