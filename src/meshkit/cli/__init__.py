@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from meshkit import __version__
-from meshkit.cli import config, dlq, run
+from meshkit.cli import config, dlq, gateway, run
 from meshkit.errors import ConfigurationError, MeshkitError
 
 __all__ = ["app", "main"]
@@ -35,6 +35,7 @@ app = typer.Typer(
 # (command name, the module's typer app or command): add a group here and it appears in `meshkit --help`.
 app.command(name="config", help=config.__doc__)(config.show)
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(gateway.app, name="gateway")
 app.command(name="run", help=run.__doc__)(run.run)
 
 

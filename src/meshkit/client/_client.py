@@ -27,7 +27,7 @@ import contextlib
 import json as jsonlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -359,7 +359,10 @@ class ServiceClient:
 
     # -- choosing an instance -------------------------------------------------------------------------------------
 
-    def _choose(self, tried: set[str]) -> _Member:
+    def _choose(self, tried: Collection[str]) -> _Member:
+        return self._members[self._pick(tried).id]
+
+    def _pick(self, tried: Collection[str]) -> Instance:
         rotation = self._current_rotation()
         if not rotation:
             raise self._no_instance()
@@ -367,7 +370,7 @@ class ServiceClient:
             untried = tuple(i for i in rotation if i.id not in tried)
             if untried:  # a retry goes elsewhere when it can; else to one already tried, rather than to the
                 rotation = untried  # ejected (they failed more than this one did)
-        return self._members[self.balancer.choose(rotation, self._outstanding).id]
+        return self.balancer.choose(rotation, self._outstanding)
 
     def _current_rotation(self) -> tuple[Instance, ...]:
         if self._dirty or (self._next_check != math.inf and self.clock.now() >= self._next_check):
@@ -626,6 +629,45 @@ class ServiceClient:
         if not self._ready:
             await self._first_snapshot(self.options.timeout)
         return self._choose(set()).instance
+
+    # -- the client's choices without its transport (a proxy forwarding requests itself) -------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once the first registry snapshot arrived (before that, :meth:`acquire` raises ``Unavailable``)."""
+        return self._ready
+
+    async def start(self, timeout: float | None = None) -> None:
+        """Start following the registry and wait (up to ``timeout``) for its first snapshot."""
+        await self._first_snapshot(timeout if timeout is not None else self.options.timeout)
+
+    def acquire(self, tried: Collection[str] = ()) -> Instance:
+        """Choose the instance for one attempt (preferring one not in ``tried``) and count it as outstanding.
+
+        For proxies that send the request themselves; every instance acquired must be given back with
+        :meth:`release`. Raises :class:`~meshkit.errors.Unavailable` when there is none (or before the first
+        snapshot: call :meth:`start`)."""
+        if not self._ready:
+            if self._task is None and not self._closed:
+                self._start()
+            raise self._no_instance()
+        instance = self._pick(tried)
+        iid = instance.id
+        self._outstanding[iid] = self._outstanding.get(iid, 0) + 1
+        return instance
+
+    def release(self, instance: Instance, status: int | None) -> None:
+        """The attempt on ``instance`` ended with ``status`` (``None``: no answer: refused, reset, timed out):
+        outstanding count and outlier detection, as for the client's own calls."""
+        iid = instance.id
+        left = self._outstanding.get(iid, 1) - 1
+        if left > 0:
+            self._outstanding[iid] = left
+        else:
+            self._outstanding.pop(iid, None)
+        member = self._members.get(iid)
+        if member is not None:
+            self._outcome(member, status)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 

@@ -337,6 +337,21 @@ class CircuitBreaker(Layer):
         """Close the circuit and forget the window (an operator's override)."""
         self._core.reset(self.clock.now())
 
+    # -- the same breaker without a pipeline (a proxy's callback-driven fast path) ------------------------------
+
+    def try_acquire(self) -> int:
+        """Ask to make one call: a ticket for :meth:`on_result` / :meth:`release`, or
+        :class:`~meshkit.errors.CircuitOpen` when the circuit refuses it. Every ticket must be given back once."""
+        return self._core.acquire(self.clock)
+
+    def on_result(self, ticket: int, *, failed: bool, started: float = 0.0) -> None:
+        """Count the call of ``ticket``: ``failed`` or not; ``started`` (clock time) when calls are timed."""
+        self._core.record(ticket, self.clock, failed, started)
+
+    def release(self, ticket: int) -> None:
+        """The call of ``ticket`` ended with nothing to count (it was never made, or cancelled)."""
+        self._core.abandon(ticket)
+
     def plan(self, invocation: Invocation) -> Plan:
         core = self._core
         clock = self.clock

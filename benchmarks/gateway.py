@@ -1,0 +1,259 @@
+"""The gateway against nginx, same upstream, same machine, one run.
+
+    .venv/bin/python benchmarks/gateway.py [--duration 10] [--connections 64] [--workers 1,2] [--markdown]
+
+Needs wrk and nginx (Debian: ``scripts/install-bench-tools.sh``). The upstream is nginx answering ``ok``; the
+load generator is ``wrk -t2 -cN``. Measured, for 1 and 2 workers each: direct to the upstream; nginx as a reverse
+proxy (keep-alive to the upstream); the meshkit gateway with no plugins; the meshkit gateway with JWT + rate
+limit + access log. Then the latency the gateway adds at half of its own maximum rate: wrk paced by a Lua
+``delay()`` to that rate, direct and through the gateway, p99 difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def nginx(folder: Path, name: str, workers: int, server_block: str) -> subprocess.Popen[bytes]:
+    prefix = folder / name
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes {workers};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    {server_block}
+}}
+"""
+    )
+    return subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
+
+
+def wrk(url: str, duration: int, connections: int, headers: list[str], script: Path | None = None) -> Result:
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return Result("", rps, pct("50"), pct("99"), errors)
+
+
+def paced_script(folder: Path, rate: float, connections: int) -> Path:
+    """A wrk script pacing each connection so all of them together send about ``rate`` requests a second."""
+    delay_ms = 1000.0 * connections / rate
+    path = folder / f"paced-{int(rate)}.lua"
+    path.write_text(f"function delay() return {delay_ms:.3f} end\n")
+    return path
+
+
+def gateway_config(folder: Path, name: str, upstream_port: int, port: int, plugins: bool) -> Path:
+    plugin_block = ""
+    if plugins:
+        plugin_block = f"""
+plugins:
+  - jwt: {{algorithms: [HS256], secret: bench-secret-bench-secret-bench-secret, require: [exp]}}
+  - rate_limit: {{limit: 100000000, window: 1s, key: [consumer]}}
+  - access_log: {{to: {folder}/{name}-access.log}}
+"""
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+limits: {{keepalive_timeout: 300s}}
+{plugin_block}
+routes:
+  - name: all
+    path: /
+    targets: ["127.0.0.1:{upstream_port}"]
+    breaker: false
+"""
+    )
+    return path
+
+
+def bench_token() -> str:
+    import jwt  # PyJWT, installed with the gateway extra
+
+    return str(jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, "bench-secret-bench-secret-bench-secret"))
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    for tool in ("wrk", NGINX):
+        if shutil.which(tool) is None and not Path(tool).exists():
+            sys.exit(f"error: {tool} is not installed\nhint: scripts/install-bench-tools.sh")
+    folder = Path(tempfile.mkdtemp(prefix="meshkit-gw-bench-"))
+    d, c = args.duration, args.connections
+    up_port = free_port()
+    upstream = nginx(
+        folder, "upstream", 1, f'server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 "ok"; }} }}'
+    )
+    procs: list[subprocess.Popen[bytes]] = [upstream]
+    rows: list[Result] = []
+    token = bench_token()
+    try:
+        wait_port(up_port)
+        wrk(f"http://127.0.0.1:{up_port}/", 2, c, [])  # warm up
+        direct = wrk(f"http://127.0.0.1:{up_port}/", d, c, [])
+        direct.name = "direct to upstream"
+        rows.append(direct)
+        print(f"{direct.name}: {direct.rps:,.0f} rps", file=sys.stderr)
+        max_rps: dict[int, float] = {}
+        for workers in [int(w) for w in args.workers.split(",")]:
+            port = free_port()
+            proxy = nginx(
+                folder,
+                f"proxy{workers}",
+                workers,
+                f"""
+    upstream up {{ server 127.0.0.1:{up_port}; keepalive 256; keepalive_requests 1000000; }}
+    server {{ listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+""",
+            )
+            procs.append(proxy)
+            wait_port(port)
+            wrk(f"http://127.0.0.1:{port}/", 2, c, [])
+            ng = wrk(f"http://127.0.0.1:{port}/", d, c, [])
+            ng.name = f"nginx proxy, {workers} worker(s)"
+            rows.append(ng)
+            print(f"{ng.name}: {ng.rps:,.0f} rps", file=sys.stderr)
+            stop(proxy)
+            for plugins in (False, True):
+                name = f"gw{workers}{'p' if plugins else ''}"
+                gport = free_port()
+                config = gateway_config(folder, name, up_port, gport, plugins)
+                gw = subprocess.Popen(
+                    [PYTHON, "-m", "meshkit", "gateway", "--config", str(config), "--workers", str(workers)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=ROOT,
+                )
+                procs.append(gw)
+                wait_port(gport)
+                headers = [f"Authorization: Bearer {token}"] if plugins else []
+                wrk(f"http://127.0.0.1:{gport}/", 2, c, headers)
+                r = wrk(f"http://127.0.0.1:{gport}/", d, c, headers)
+                label = "JWT + rate limit + access log" if plugins else "no plugins"
+                r.name = f"meshkit gateway, {label}, {workers} worker(s)"
+                r.name += f" — {r.rps / ng.rps:.2f}x nginx"
+                rows.append(r)
+                print(f"{r.name}: {r.rps:,.0f} rps", file=sys.stderr)
+                if not plugins:
+                    max_rps[workers] = r.rps
+                    # latency added at half of the gateway's own max rate
+                    half = r.rps / 2
+                    script = paced_script(folder, half, c)
+                    base = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], script)
+                    via = wrk(f"http://127.0.0.1:{gport}/", d, c, [], script)
+                    added = Result(
+                        f"p99 added at {half:,.0f} rps (half of max), {workers} worker(s): "
+                        f"{via.p99_ms - base.p99_ms:.2f} ms (direct p99 {base.p99_ms:.2f} ms, via gateway "
+                        f"{via.p99_ms:.2f} ms; p50 added {via.p50_ms - base.p50_ms:.2f} ms)",
+                        via.rps,
+                        via.p50_ms,
+                        via.p99_ms,
+                        via.errors,
+                    )
+                    rows.append(added)
+                    print(added.name, file=sys.stderr)
+                stop(gw)
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.markdown:
+        print("| case | rps | p50 ms | p99 ms | errors |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |")
+    else:
+        for r in rows:
+            print(f"{r.name:<90} {r.rps:>10,.0f} rps  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  err {r.errors}")
+    _ = os.environ
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""What the gateway tells operators: Prometheus metrics and a structured JSON access log.
+
+Metrics (one registry per gateway, served by the admin API at ``/metrics``):
+
+- ``meshkit_gateway_requests_total{route, upstream, status}``: answered requests;
+- ``meshkit_gateway_request_duration_seconds{route}``: time from the request head to the last byte written;
+- ``meshkit_gateway_upstream_errors_total{route, upstream, kind}``: ``connect``, ``reset``, ``timeout``,
+  ``protocol``;
+- ``meshkit_gateway_breaker_state{route}``: 0 closed, 1 half-open, 2 open (read at scrape time).
+
+The access log is a plugin (``- access_log: {}``) writing one JSON object per request to a stream (stdout,
+stderr or a file), buffered and flushed at least every half second: a request costs one ``json.dumps`` and an
+append, not a logging round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from meshkit._core.optional import require
+from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest
+from meshkit.gateway.server import Observer
+
+__all__ = ["AccessLog", "Metrics"]
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics(Observer):
+    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix)."""
+
+    def __init__(self) -> None:
+        prom = require("prometheus_client", "gateway")
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        self._requests = prom.Counter(
+            "meshkit_gateway_requests", "Requests answered", ["route", "upstream", "status"], registry=self.registry
+        )
+        self._duration = prom.Histogram(
+            "meshkit_gateway_request_duration_seconds",
+            "Seconds from the request head to the last byte of the answer",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._errors = prom.Counter(
+            "meshkit_gateway_upstream_errors",
+            "Upstream attempts that failed without an answer",
+            ["route", "upstream", "kind"],
+            registry=self.registry,
+        )
+        self._breakers = prom.Gauge(
+            "meshkit_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["route"], registry=self.registry
+        )
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[str, Any] = {}
+        self._generate = prom.generate_latest
+        self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
+
+    def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
+        key = (route, upstream, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) > 10_000:  # bounded: routes x upstreams x statuses
+                self._counters.clear()
+            counter = self._counters[key] = self._requests.labels(route, upstream, str(status))
+        counter.inc()
+        histogram = self._histograms.get(route)
+        if histogram is None:
+            histogram = self._histograms[route] = self._duration.labels(route)
+        histogram.observe(elapsed)
+
+    def upstream_error(self, route: str, upstream: str, kind: str) -> None:
+        self._errors.labels(route, upstream, kind).inc()
+
+    def render(self) -> bytes:
+        for route, state in self.breaker_states():
+            self._breakers.labels(route).set(state)
+        data: bytes = self._generate(self.registry)
+        return data
+
+
+class AccessLogOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = "stdout"  # stdout, stderr or a file path (appended to)
+    headers: list[str] = []  # request headers to include (lower-case names)
+
+
+class AccessLog(Plugin):
+    """One JSON line per request: time, client, consumer, method, path, route, status, duration (ms), trace."""
+
+    name: ClassVar[str] = "access_log"
+    Options: ClassVar[type[BaseModel]] = AccessLogOptions
+
+    def __init__(self, options: Any = None, context: PluginContext | None = None) -> None:
+        opts = options if isinstance(options, AccessLogOptions) else AccessLogOptions()
+        self._headers = tuple(h.lower() for h in opts.headers)
+        self._buffer: list[str] = []
+        self._stream: IO[str]
+        self._owned = False
+        if opts.to == "stdout":
+            self._stream = sys.stdout
+        elif opts.to == "stderr":
+            self._stream = sys.stderr
+        else:
+            folder = context.folder if context is not None else "."
+            path = opts.to if opts.to.startswith("/") else f"{folder}/{opts.to}"
+            self._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the context's on_close
+            self._owned = True
+        self._flusher: asyncio.TimerHandle | None = None
+        if context is not None:
+            context.on_close(self.aclose)
+
+    def done(self, req: ProxyRequest, status: int, elapsed: float) -> None:
+        entry: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "client": req.client,
+            "method": req.method,
+            "path": req.path,
+            "route": req.route,
+            "status": status,
+            "ms": round(elapsed * 1000, 3),
+        }
+        if req.consumer is not None:
+            entry["consumer"] = req.consumer
+        if req.query:
+            entry["query"] = req.query
+        trace = req.headers.get("traceparent")
+        if trace is not None:
+            entry["traceparent"] = trace
+        for name in self._headers:
+            value = req.headers.get(name)
+            if value is not None:
+                entry[name] = value
+        self._buffer.append(json.dumps(entry, separators=(",", ":")))
+        if len(self._buffer) >= 512:
+            self.flush()
+        elif self._flusher is None:
+            try:
+                self._flusher = asyncio.get_running_loop().call_later(0.5, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._buffer:
+            lines, self._buffer = self._buffer, []
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+
+    async def aclose(self) -> None:
+        self.flush()
+        if self._owned:
+            self._stream.close()
