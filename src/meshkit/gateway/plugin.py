@@ -19,7 +19,9 @@ plugins are configured (global plugins first, then the route's)::
   or an awaitable of it; return an awaitable only when there is I/O to wait for (a JWKS fetch, a Redis round trip):
   plugins that answer synchronously keep the request on the gateway's fast path, with no task created for it.
 - :meth:`Plugin.response` runs on the upstream's response head (status and headers), before it is sent on. It
-  may change the headers (CORS, ``RateLimit-*``).
+  may change the headers (CORS, ``RateLimit-*``). Responses travel back through the plugins in reverse order
+  (the last configured sees the response first, as with ASGI middleware), and an answer a plugin gives itself
+  (a cache hit, a 429) is seen only by the plugins configured before it.
 - :meth:`Plugin.request_body` / :meth:`Plugin.response_body` receive and return a whole body. A route with a
   plugin that overrides either buffers that body (up to its size limit) instead of streaming it: use them for
   JSON field mapping and caching, not for anything that can work on headers alone.
@@ -285,6 +287,11 @@ class Plugin:
     @classmethod
     def overrides(cls, hook: str) -> bool:
         return getattr(cls, hook) is not getattr(Plugin, hook)
+
+    def uses(self, hook: str) -> bool:
+        """Whether the gateway should call ``hook`` on this instance (default: the class overrides it). A plugin
+        whose options leave a body hook with nothing to do returns False for it, so its route does not buffer."""
+        return self.overrides(hook)
 
 
 def header_pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -50,6 +50,7 @@ __all__ = ["Limits", "Route", "Server", "Upstream"]
 log = logging.getLogger(__name__)
 
 Handler = Callable[[ProxyRequest, bytes], Awaitable[Reply]]
+_ALL = 1 << 30  # "every plugin" as a position bound
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=%]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -103,10 +104,17 @@ class Route:
     preserve_host: bool = False
     # derived by compile()
     in_flight: int = 0
-    request_hooks: tuple[Callable[[ProxyRequest], Any], ...] = ()
-    response_hooks: tuple[Callable[[ProxyRequest, ResponseHead], None], ...] = ()
+    request_hooks: tuple[tuple[int, Callable[[ProxyRequest], Any]], ...] = ()
     request_body_hooks: tuple[Callable[[ProxyRequest, bytes], bytes], ...] = ()
-    response_body_hooks: tuple[Callable[[ProxyRequest, ResponseHead, bytes], bytes], ...] = ()
+    # (position, response hook, response_body hook), innermost plugin first: the response travels back out
+    response_chain: tuple[
+        tuple[
+            int,
+            Callable[[ProxyRequest, ResponseHead], None] | None,
+            Callable[[ProxyRequest, ResponseHead, bytes], bytes] | None,
+        ],
+        ...,
+    ] = ()
     done_hooks: tuple[Callable[[ProxyRequest, int, float], None], ...] = ()
     buffer_request: bool = False
     buffer_response: bool = False
@@ -115,13 +123,20 @@ class Route:
     def compile(self, global_plugins: Sequence[Plugin] = ()) -> Route:
         """Collect the hooks of the global plugins, then the route's, skipping hooks a plugin does not override."""
         plugins = (*global_plugins, *self.plugins)
-        self.request_hooks = tuple(p.request for p in plugins if p.overrides("request"))
-        self.response_hooks = tuple(p.response for p in plugins if p.overrides("response"))
-        self.request_body_hooks = tuple(p.request_body for p in plugins if p.overrides("request_body"))
-        self.response_body_hooks = tuple(p.response_body for p in plugins if p.overrides("response_body"))
-        self.done_hooks = tuple(p.done for p in plugins if p.overrides("done"))
+        self.request_hooks = tuple((i, p.request) for i, p in enumerate(plugins) if p.uses("request"))
+        self.request_body_hooks = tuple(p.request_body for p in plugins if p.uses("request_body"))
+        self.response_chain = tuple(
+            (i, p.response if p.uses("response") else None, p.response_body if p.uses("response_body") else None)
+            for i, p in reversed(list(enumerate(plugins)))
+            if p.uses("response") or p.uses("response_body")
+        )
+        self.done_hooks = tuple(p.done for p in plugins if p.uses("done"))
+        # a plugin with a body limit (request_size) bounds streamed bodies too, not only Content-Length
+        limits = [limit for p in plugins if isinstance(limit := getattr(p, "max_body", None), int)]
+        if limits:
+            self.max_body = min([*limits, self.max_body] if self.max_body is not None else limits)
         self.buffer_request = bool(self.request_body_hooks) or self.handler is not None
-        self.buffer_response = bool(self.response_body_hooks)
+        self.buffer_response = any(body is not None for _, _, body in self.response_chain)
         return self
 
 
@@ -296,6 +311,7 @@ class _ClientConn(asyncio.Protocol):
         "corked",
         "fresh",
         "head_bytes",
+        "head_size",
         "head_started",
         "headers",
         "idle_since",
@@ -320,6 +336,7 @@ class _ClientConn(asyncio.Protocol):
         self.peer = ""
         self.head_started = 0.0
         self.head_bytes = 0
+        self.head_size = 0
         self.idle_since = 0.0
         self.keep_alive = True
         self.closed = False
@@ -373,6 +390,11 @@ class _ClientConn(asyncio.Protocol):
             self.refuse(400, "the request target is not a valid URL")
             return
         except httptools.HttpParserError as exc:
+            if not self.keep_alive and self.queue and self.queue[-1].request_done:
+                # bytes after a request that closes the connection: never read, never forwarded
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
             self.refuse(400, f"malformed HTTP request: {exc}")
             return
         if self.head_started:  # still reading a request's head
@@ -391,12 +413,16 @@ class _ClientConn(asyncio.Protocol):
         loop = self.server._loop
         self.head_started = loop.time() if loop is not None else 1.0
         self.head_bytes = 0
+        self.head_size = 0
         self.fresh = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.server.limits.max_header_bytes:
+            raise BadRequest(431, "the request line and headers are too large")
         self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -792,35 +818,37 @@ class _Exchange:
         hooks = route.request_hooks
         req = self.req
         for i in range(index, len(hooks)):
+            position, hook = hooks[i]
             try:
-                result = hooks[i](req)
+                result = hook(req)
             except Exception:
                 log.exception("gateway: a plugin's request hook failed on route %s", route.name)
-                self.reply(Reply.error(500, "the gateway failed to handle this request"))
+                self.reply(Reply.error(500, "the gateway failed to handle this request"), position)
                 return
             if result is None:
                 continue
             if isinstance(result, Reply):
-                self.reply(result)
+                self.reply(result, position)  # the plugins before it see this answer on its way out
                 return
             if inspect.isawaitable(result):
-                self.client.server.spawn(self._await_hook(result, i + 1), "meshkit-gateway-plugin")
+                self.client.server.spawn(self._await_hook(result, i), "meshkit-gateway-plugin")
                 return
         self._proceed()
 
-    async def _await_hook(self, pending: Awaitable[Reply | None], next_index: int) -> None:
+    async def _await_hook(self, pending: Awaitable[Reply | None], index: int) -> None:
+        position = self.route.request_hooks[index][0] if self.route is not None else 0
         try:
             result = await pending
         except Exception:
             log.exception("gateway: a plugin's request hook failed on route %s", self.req.route)
-            self.reply(Reply.error(500, "the gateway failed to handle this request"))
+            self.reply(Reply.error(500, "the gateway failed to handle this request"), position)
             return
         if self.client.closed:
             return
         if isinstance(result, Reply):
-            self.reply(result)
+            self.reply(result, position)
             return
-        self._run_request_hooks(next_index)
+        self._run_request_hooks(index + 1)
 
     def _proceed(self) -> None:
         route = self.route
@@ -859,6 +887,9 @@ class _Exchange:
         return True
 
     async def _handle(self, handler: Handler) -> None:
+        # the gateway's hop of the trace: what the handler's own calls carry
+        headers = self.req.headers
+        headers.set("traceparent", _next_traceparent(headers.get("traceparent"), self.client.server.random))
         try:
             reply = await handler(self.req, b"".join(self.body))
         except Exception:
@@ -1123,11 +1154,10 @@ class _Exchange:
         self.status = status
         route = self.route
         assert route is not None
-        for hook in route.response_hooks:
-            try:
-                hook(self.req, resp)
-            except Exception:
-                log.exception("gateway: a plugin's response hook failed on route %s", route.name)
+        if route.buffer_response and not (self.head_only or status in (204, 304)):
+            self.resp_body = []  # the plugins see head and body together once the body is in
+            return
+        self._outbound(resp, None, _ALL)
         if self.head_only or status in (204, 304):
             items = resp.headers.items()
             if self.head_only and length is not None:
@@ -1136,9 +1166,6 @@ class _Exchange:
             if self.head_only and self.up is not None:
                 self.up.reset_parser = True  # llhttp cannot be told a response to HEAD has no body
             self.response_complete(keep_alive)
-            return
-        if route.buffer_response:
-            self.resp_body = []
             return
         if length is not None and not chunked:
             self._write_head(status, resp.headers.items(), int(length))
@@ -1196,16 +1223,12 @@ class _Exchange:
         if self.resp_body is not None and resp is not None:
             body = b"".join(self.resp_body)
             self.resp_body = None
-            route = self.route
-            assert route is not None
-            try:
-                for hook in route.response_body_hooks:
-                    body = hook(self.req, resp, body)
-            except Exception:
-                log.exception("gateway: a plugin's response_body hook failed on route %s", route.name)
+            shaped = self._outbound(resp, body, _ALL)
+            if shaped is None:
                 self._finish_upstream(resp.status)
-                self.reply(Reply.error(500, "the gateway failed to handle this response"))
+                self.reply(Reply.error(500, "the gateway failed to handle this response"), 0)
                 return
+            body = shaped
             self._write_head(resp.status, resp.headers.items(), len(body))
             self.client.write(body)
         elif self.resp_chunked:
@@ -1216,31 +1239,56 @@ class _Exchange:
 
     # -- endings ------------------------------------------------------------------------------------------------
 
-    def reply(self, reply: Reply) -> None:
-        """Answer with the gateway's own response (an error, a plugin's answer, a handler's result)."""
+    def _outbound(self, resp: ResponseHead, body: bytes | None, below: int) -> bytes | None:
+        """Run the response hooks of the plugins at positions below ``below``, innermost first (the answer
+        travels back out through them); with a ``body``, each plugin's response_body hook right after its response
+        hook. Returns the body (None if a body hook failed: the caller answers 500)."""
+        route = self.route
+        if route is None:
+            return body
+        req = self.req
+        for position, head_hook, body_hook in route.response_chain:
+            if position >= below:
+                continue
+            if head_hook is not None:
+                try:
+                    head_hook(req, resp)
+                except Exception:
+                    log.exception("gateway: a plugin's response hook failed on route %s", route.name)
+            if body_hook is not None and body is not None:
+                try:
+                    body = body_hook(req, resp, body)
+                except Exception:
+                    log.exception("gateway: a plugin's response_body hook failed on route %s", route.name)
+                    return None
+        return body
+
+    def reply(self, reply: Reply, source: int = -1) -> None:
+        """Answer with the gateway's own response: an error, a handler's result, or the answer of the plugin at
+        position ``source`` (then only the plugins before it see the answer; -1: every plugin does)."""
         if self.responded:
             self.client.close()
             self._done(self.status)
             return
-        route = self.route
         resp = ResponseHead(reply.status, reply.headers)
-        if route is not None:
-            for hook in route.response_hooks:
-                try:
-                    hook(self.req, resp)
-                except Exception:
-                    log.exception("gateway: a plugin's response hook failed on route %s", route.name)
-        self.status = reply.status
+        out = self._outbound(resp, reply.body, _ALL if source < 0 else source)
+        if out is None:
+            resp = ResponseHead(500, Headers())
+            failed = Reply.error(500, "the gateway failed to handle this response")
+            resp.headers = failed.headers
+            out = failed.body
+        self.status = resp.status
         # a body we did not read leaves the stream without framing we trust: close after this answer
         reusable = self.request_done
         if not reusable:
             self.client.keep_alive = False
-        body = b"" if self.head_only else reply.body
-        self._write_head(reply.status, resp.headers.items(), len(reply.body))
-        if body:
+        body = b"" if self.head_only else out
+        no_body = resp.status in (204, 304) or 100 <= resp.status < 200
+        self._write_head(resp.status, resp.headers.items(), -1 if no_body else len(out))
+        if body and not no_body:
             self.client.write(body)
         self.abandon_upstream()
-        self._done(reply.status)
+        self._done(resp.status)
         self.client.finished(self, reusable)
 
     def _release_breaker(self) -> None:
