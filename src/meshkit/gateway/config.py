@@ -167,7 +167,7 @@ class RouteConfig(_Target):
     rewrite: str | None = None
     timeout: Duration = 30.0
     retries: int = Field(default=1, ge=0, le=5)
-    breaker: BreakerConfig | Literal[False] = Field(default_factory=BreakerConfig)  # type: ignore[arg-type]
+    breaker: BreakerConfig | Literal[False] = Field(default_factory=BreakerConfig)
     max_concurrent: int | None = Field(default=None, ge=1)
     max_body: ByteSize | None = None
     preserve_host: bool = False
@@ -230,12 +230,12 @@ class BffRoute(_Model):
 
 
 class GatewayConfig(_Model):
-    listen: ListenConfig = Field(default_factory=ListenConfig)  # type: ignore[arg-type]
+    listen: ListenConfig = Field(default_factory=ListenConfig)
     admin: AdminConfig | None = None
     registry: str | None = None
     redis: str | None = None
     trusted_proxies: list[str] = Field(default_factory=list)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)  # type: ignore[arg-type]
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     plugins: PluginList = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
     bff: list[BffRoute] = Field(default_factory=list)
