@@ -7,11 +7,13 @@ import asyncio
 import importlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from meshkit.client import ServiceClient
-from meshkit.errors import MeshkitError
+from meshkit.errors import ConfigurationError, MeshkitError
 from meshkit.gateway.config import BffCall, BffRoute
 from meshkit.gateway.plugin import ProxyRequest, Reply
 from meshkit.gateway.router import PathMatcher
@@ -33,17 +35,23 @@ class Aggregation:
         self.custom: CustomHandler | None = _import(spec.handler) if spec.handler else None
         # call paths are templates over the route's params
         self._paths = {name: call.path for name, call in spec.calls.items()}
+        self._needs = {name: _dependencies(spec, name) for name in spec.calls}
+        _check_acyclic(spec.name, self._needs)
 
     async def __call__(self, req: ProxyRequest, body: bytes) -> Reply:
         spec = self.spec
         names = list(spec.calls)
-        tasks = [asyncio.ensure_future(self._call(name, spec.calls[name], req)) for name in names]
-        _, pending = await asyncio.wait(tasks, timeout=spec.timeout)
+        tasks: dict[str, asyncio.Future[Any]] = {}
+        for name in _in_order(self._needs):
+            needed = {dep: tasks[dep] for dep in self._needs[name]}
+            tasks[name] = asyncio.ensure_future(self._call(name, spec.calls[name], req, needed))
+        _, pending = await asyncio.wait(tasks.values(), timeout=spec.timeout)
         for task in pending:
             task.cancel()
         results: dict[str, Any] = {}
         failures: dict[str, str] = {}
-        for name, task in zip(names, tasks, strict=True):
+        for name in names:
+            task = tasks[name]
             if task in pending:
                 failures[name] = f"no answer within {spec.timeout:g}s"
                 continue
@@ -74,11 +82,19 @@ class Aggregation:
             data["_missing"] = sorted(failures)
         return Reply.json(200, data)
 
-    async def _call(self, name: str, call: BffCall, req: ProxyRequest) -> Any:
+    async def _call(
+        self, name: str, call: BffCall, req: ProxyRequest, needed: Mapping[str, asyncio.Future[Any]]
+    ) -> Any:
+        values: dict[str, Any] = dict(req.params)
+        for dep, future in needed.items():
+            result = await future
+            if isinstance(result, _Failed):
+                return _Failed(f"needs {dep!r}, which failed")
+            values[dep] = result
         try:
-            path = self._paths[name].format_map(req.params)
-        except KeyError as exc:
-            return _Failed(f"the call's path uses {exc}, which the route does not provide")
+            path = _PLACEHOLDER.sub(lambda m: _fill(m.group(1), values), self._paths[name])
+        except LookupError as exc:
+            return _Failed(f"the call's path needs {{{exc.args[0]}}}, which is not there")
         headers = {h: v for h in call.forward_headers if (v := req.headers.get(h)) is not None}
         trace = req.headers.get("traceparent")
         if trace is not None:
@@ -93,6 +109,53 @@ class Aggregation:
             return json.loads(response.content) if response.content else None
         except ValueError:
             return _Failed("answered a body that is not JSON")
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+def _fill(reference: str, values: Mapping[str, Any]) -> str:
+    head, _, rest = reference.partition(".")
+    if head not in values:
+        raise LookupError(reference)
+    value = _lookup({head: values[head]}, reference) if rest else values[head]
+    if value is _MISSING or value is None or isinstance(value, dict | list):
+        raise LookupError(reference)
+    return quote(str(value), safe="")
+
+
+def _dependencies(spec: BffRoute, name: str) -> set[str]:
+    needs = set()
+    for m in _PLACEHOLDER.finditer(spec.calls[name].path):
+        head, dot, _ = m.group(1).partition(".")
+        if dot:
+            if head not in spec.calls or head == name:
+                raise ConfigurationError(
+                    f"BFF route {spec.name!r}: call {name!r} uses {{{m.group(1)}}}, but {head!r} is not another call"
+                )
+            needs.add(head)
+    return needs
+
+
+def _check_acyclic(route: str, needs: Mapping[str, set[str]]) -> None:
+    try:
+        _in_order(needs)
+    except ValueError:
+        raise ConfigurationError(f"BFF route {route!r}: its calls depend on each other in a cycle") from None
+
+
+def _in_order(needs: Mapping[str, set[str]]) -> list[str]:
+    """Call names, each after the calls it needs (ValueError on a cycle)."""
+    done: list[str] = []
+    left = dict(needs)
+    while left:
+        ready = [n for n, deps in left.items() if deps <= set(done)]
+        if not ready:
+            raise ValueError("cycle")
+        for n in ready:
+            done.append(n)
+            del left[n]
+    return done
 
 
 class _Failed:
@@ -115,8 +178,6 @@ def _lookup(results: Mapping[str, Any], path: str) -> Any:
 
 
 def _import(reference: str) -> CustomHandler:
-    from meshkit.errors import ConfigurationError  # noqa: PLC0415
-
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"handler {reference!r} must be 'module:function'")
