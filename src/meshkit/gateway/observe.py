@@ -16,10 +16,12 @@ append, not a logging round trip.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
+import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -34,54 +36,76 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics(Observer):
-    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix)."""
+    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix).
+
+    The request path only adds to plain integers and a bucket list (no locks, no label look-ups: this runs once
+    per request at tens of thousands a second); prometheus_client turns them into metric families at scrape time,
+    through a custom collector, and renders the exposition format."""
 
     def __init__(self) -> None:
         prom = require("prometheus_client", "gateway")
-        self.registry = prom.CollectorRegistry(auto_describe=True)
-        self._requests = prom.Counter(
-            "meshkit_gateway_requests", "Requests answered", ["route", "upstream", "status"], registry=self.registry
-        )
-        self._duration = prom.Histogram(
-            "meshkit_gateway_request_duration_seconds",
-            "Seconds from the request head to the last byte of the answer",
-            ["route"],
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
-        self._errors = prom.Counter(
-            "meshkit_gateway_upstream_errors",
-            "Upstream attempts that failed without an answer",
-            ["route", "upstream", "kind"],
-            registry=self.registry,
-        )
-        self._breakers = prom.Gauge(
-            "meshkit_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["route"], registry=self.registry
-        )
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._histograms: dict[str, Any] = {}
+        self._core = require("prometheus_client.core", "gateway")
+        self.registry = prom.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
         self._generate = prom.generate_latest
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._histograms: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf count, sum]
+        self._errors: dict[tuple[str, str, str], int] = {}
         self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
 
     def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
         key = (route, upstream, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            if len(self._counters) > 10_000:  # bounded: routes x upstreams x statuses
-                self._counters.clear()
-            counter = self._counters[key] = self._requests.labels(route, upstream, str(status))
-        counter.inc()
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
         histogram = self._histograms.get(route)
         if histogram is None:
-            histogram = self._histograms[route] = self._duration.labels(route)
-        histogram.observe(elapsed)
+            histogram = self._histograms[route] = [0.0] * (len(_BUCKETS) + 2)
+        histogram[bisect.bisect_left(_BUCKETS, elapsed)] += 1
+        histogram[-1] += elapsed
 
     def upstream_error(self, route: str, upstream: str, kind: str) -> None:
-        self._errors.labels(route, upstream, kind).inc()
+        key = (route, upstream, kind)
+        self._errors[key] = self._errors.get(key, 0) + 1
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        core = self._core
+        requests = core.CounterMetricFamily(
+            "meshkit_gateway_requests", "Requests answered", labels=["route", "upstream", "status"]
+        )
+        for (route, upstream, status), count in sorted(self._requests.items()):
+            requests.add_metric([route, upstream, str(status)], count)
+        yield requests
+        duration = core.HistogramMetricFamily(
+            "meshkit_gateway_request_duration_seconds",
+            "Seconds from the request head to the last byte of the answer",
+            labels=["route"],
+        )
+        for route, counts in sorted(self._histograms.items()):
+            cumulative, buckets = 0.0, []
+            for bound, observed in zip((*_BUCKETS, math.inf), counts, strict=False):
+                cumulative += observed
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            duration.add_metric([route], buckets, counts[-1])
+        yield duration
+        errors = core.CounterMetricFamily(
+            "meshkit_gateway_upstream_errors",
+            "Upstream attempts that failed without an answer",
+            labels=["route", "upstream", "kind"],
+        )
+        for (route, upstream, kind), count in sorted(self._errors.items()):
+            errors.add_metric([route, upstream, kind], count)
+        yield errors
+        breakers = core.GaugeMetricFamily(
+            "meshkit_gateway_breaker_state", "0 closed, 1 half-open, 2 open", labels=["route"]
+        )
+        for route, state in self.breaker_states():
+            breakers.add_metric([route], state)
+        yield breakers
 
     def render(self) -> bytes:
-        for route, state in self.breaker_states():
-            self._breakers.labels(route).set(state)
         data: bytes = self._generate(self.registry)
         return data
 

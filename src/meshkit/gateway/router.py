@@ -131,12 +131,14 @@ class Router:
     """Routes in config order; :meth:`match` returns the first that matches, or the status that explains why none
     did (404: no route for the path; 405: a route for the path, not for the method)."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_routes", "by_host")
 
     def __init__(self, routes: Sequence[Any]) -> None:
         # each route has .hosts (frozenset | None), .methods (frozenset | None), .headers (tuple of
         # (name, pattern | None)), .path (PathMatcher)
         self._routes = tuple(routes)
+        #: whether any route matches on the host (else the server need not work out the host name)
+        self.by_host = any(r.hosts is not None for r in self._routes)
 
     @property
     def routes(self) -> tuple[Any, ...]:

@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[ProxyRequest, bytes], Awaitable[Reply]]
 _ALL = 1 << 30  # "every plugin" as a position bound
+_RESPONSE_SKIP = frozenset(h.encode() for h in HOP_BY_HOP)
+_STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
+_NO_HEADERS = Headers()
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "expect"})
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+# request headers the gateway sets itself (or drops) when it forwards
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"}
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=%]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -176,6 +183,9 @@ class Server:
         self.exchanges: set[_Exchange] = set()
         self.idle: dict[tuple[str, int], list[_UpstreamConn]] = {}
         self.random = random.Random()
+        #: the loop's clock, read every 0.1 s by the sweep: timeouts need no finer grain, and requests need not
+        #: read the clock themselves
+        self.now = 1.0
         self.date = b""
         self._tick()
         self._timer: asyncio.TimerHandle | None = None
@@ -187,14 +197,14 @@ class Server:
 
     def __call__(self) -> asyncio.Protocol:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._timer = self._loop.call_later(0.1, self._sweep)
+            self.start()
         return _ClientConn(self)
 
     def start(self) -> None:
         """Start the timers (also done on the first connection)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self.now = self._loop.time()
             self._timer = self._loop.call_later(0.1, self._sweep)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -211,7 +221,7 @@ class Server:
         """Every 0.1 s: response deadlines; every second: the Date header, header and keep-alive timeouts."""
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = self.now = loop.time()
         for exchange in [e for e in self.exchanges if e.deadline and now > e.deadline]:
             exchange.timed_out()
         if int(now * 10) % 10 == 0:
@@ -249,7 +259,7 @@ class Server:
         if len(conns) >= self.max_idle_per_host:
             conn.close()
             return
-        conn.idle_since = self._loop.time() if self._loop is not None else 0.0
+        conn.idle_since = self.now
         conns.append(conn)
 
     def connect(self, key: tuple[str, int], exchange: _Exchange) -> None:
@@ -316,6 +326,7 @@ class _ClientConn(asyncio.Protocol):
         "headers",
         "idle_since",
         "keep_alive",
+        "last_host",
         "parser",
         "paused",
         "peer",
@@ -334,6 +345,7 @@ class _ClientConn(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.url = b""
         self.peer = ""
+        self.last_host: str | None = None
         self.head_started = 0.0
         self.head_bytes = 0
         self.head_size = 0
@@ -351,8 +363,7 @@ class _ClientConn(asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)  # uvloop's transports do not subclass it
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
-        loop = self.server._loop
-        self.idle_since = loop.time() if loop is not None else 0.0
+        self.idle_since = self.server.now
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -410,8 +421,7 @@ class _ClientConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.url = b""
-        loop = self.server._loop
-        self.head_started = loop.time() if loop is not None else 1.0
+        self.head_started = self.server.now
         self.head_bytes = 0
         self.head_size = 0
         self.fresh = False
@@ -433,7 +443,8 @@ class _ClientConn(asyncio.Protocol):
         self.headers = []
         url = self.url
         self.url = b""
-        method = parser.get_method().decode()
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode()
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive()
 
@@ -443,6 +454,8 @@ class _ClientConn(asyncio.Protocol):
         chunked = False
         expect = False
         for name, value in headers:
+            if name not in _FRAMING:
+                continue
             if name == "host":
                 if host is not None:
                     raise BadRequest(400, "more than one Host header")
@@ -469,8 +482,10 @@ class _ClientConn(asyncio.Protocol):
             if version != "1.0":
                 raise BadRequest(400, "the Host header is required")
             host = ""
-        elif host and not _HOST.fullmatch(host):
-            raise BadRequest(400, "the Host header is not a valid host")
+        elif host != self.last_host:  # a keep-alive connection sends the same Host again and again
+            if host and not _HOST.fullmatch(host):
+                raise BadRequest(400, "the Host header is not a valid host")
+            self.last_host = host
 
         target = url.decode("latin-1")
         if not target.startswith("/"):
@@ -501,8 +516,11 @@ class _ClientConn(asyncio.Protocol):
         )
         has_body = chunked or bool(length)
         exchange = _Exchange(self, req, host, keep_alive, has_body, length, expect)
-        hostname = host.rsplit(":", 1)[0] if host and not host.endswith("]") else host
-        match = server.router.match(hostname.lower(), method, path, req.headers)
+        router = server.router
+        hostname = ""
+        if router.by_host:
+            hostname = (host.rsplit(":", 1)[0] if host and not host.endswith("]") else host).lower()
+        match = router.match(hostname, method, path, req.headers)
         if isinstance(match, Match):
             exchange.route = match.route
             req.route = match.route.name
@@ -525,8 +543,7 @@ class _ClientConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.queue:
             self.queue[-1].request_complete()
-        loop = self.server._loop
-        self.idle_since = loop.time() if loop is not None else 0.0
+        self.idle_since = self.server.now
 
     # -- used by exchanges -------------------------------------------------------------------------------------
 
@@ -622,7 +639,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: _Exchange | None = None
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.idle_since = 0.0
         self.closed = False
         self.used = False
@@ -684,7 +701,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self.headers.append((name, value))  # raw: most responses go through without being decoded
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -958,8 +975,7 @@ class _Exchange:
         self.instance = instance
         self.tried.add(instance.id)
         server = self.client.server
-        loop = server._loop
-        self.started_upstream = loop.time() if loop is not None else 0.0
+        self.started_upstream = server.now
         self.deadline = self.started_upstream + route.timeout
         server.exchanges.add(self)
         key = (instance.host, instance.port)
@@ -988,14 +1004,13 @@ class _Exchange:
         forwarded_for = None
         traceparent = None
         for name, value in req.headers.items():
-            if name in HOP_BY_HOP or name == "host" or (connection_tokens and name in connection_tokens):
-                continue
-            if name == "x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else f"{forwarded_for}, {value}"
-                continue
-            if name in ("x-forwarded-proto", "x-forwarded-host", "traceparent"):
-                if name == "traceparent":
+            if name in _NOT_FORWARDED:
+                if name == "x-forwarded-for":
+                    forwarded_for = value if forwarded_for is None else f"{forwarded_for}, {value}"
+                elif name == "traceparent":
                     traceparent = value
+                continue
+            if connection_tokens and name in connection_tokens:
                 continue
             lines.append(f"{name}: {value}\r\n")
         server = self.client.server
@@ -1122,77 +1137,89 @@ class _Exchange:
 
     # -- the response side --------------------------------------------------------------------------------------
 
-    def response_head(self, status: int, headers: list[tuple[str, str]], keep_alive: bool) -> None:
+    def response_head(self, status: int, raw: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         if 100 <= status < 200:
             self.resp_ignore = True  # an interim response (103 Early Hints): not passed on
             return
         self.resp_ignore = False
         self.deadline = 0.0
         self.client.server.exchanges.discard(self)
-        tokens = None
-        out: list[tuple[str, str]] = []
-        length = None
-        chunked = False
-        for name, value in headers:
-            if name == "content-length":
-                length = value
-                continue
-            if name == "transfer-encoding":
-                chunked = True
-                continue
-            if name == "connection":
-                tokens = {t.strip().lower() for t in value.split(",")}
-                continue
-            if name in HOP_BY_HOP:
-                continue
-            out.append((name, value))
-        if tokens:
-            out = [(k, v) for k, v in out if k not in tokens]
-        resp = ResponseHead(status, Headers._trusted(out))
-        self.resp = resp
-        self.resp_framed = chunked or length is not None
         self.status = status
         route = self.route
         assert route is not None
-        if route.buffer_response and not (self.head_only or status in (204, 304)):
-            self.resp_body = []  # the plugins see head and body together once the body is in
-            return
-        self._outbound(resp, None, _ALL)
-        if self.head_only or status in (204, 304):
-            items = resp.headers.items()
+        length: bytes | None = None
+        chunked = False
+        tokens: set[bytes] | None = None
+        kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
+        for name, value in raw:
+            lname = name.lower()
+            if lname in _RESPONSE_SKIP:
+                if lname == b"content-length":
+                    length = value
+                elif lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"connection":
+                    tokens = {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
+                continue
+            kept.append((lname, name, value))
+        if tokens:
+            kept = [k for k in kept if k[0] not in tokens]
+        self.resp_framed = chunked or length is not None
+        bodiless = self.head_only or status in (204, 304)
+        if route.response_chain:
+            # plugins see (and may change) the head: decode it once
+            resp = ResponseHead(
+                status, Headers._trusted([(k.decode("latin-1"), v.decode("latin-1")) for k, _, v in kept])
+            )
+            self.resp = resp
+            if route.buffer_response and not bodiless:
+                self.resp_body = []  # the plugins see head and body together once the body is in
+                return
+            self._outbound(resp, None, _ALL)
+            lines = [b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
+            dated = "date" in resp.headers
+        else:
+            self.resp = ResponseHead(status, _NO_HEADERS)
+            lines = [b"%s: %s\r\n" % (name, value) for _, name, value in kept]
+            dated = any(k[0] == b"date" for k in kept)
+        if bodiless:
             if self.head_only and length is not None:
-                items = [*items, ("content-length", length)]
-            self._write_head(status, items, -1)
+                lines.append(b"content-length: %s\r\n" % length)
+            self._send_head(status, lines, -1, dated)
             if self.head_only and self.up is not None:
                 self.up.reset_parser = True  # llhttp cannot be told a response to HEAD has no body
             self.response_complete(keep_alive)
             return
         if length is not None and not chunked:
-            self._write_head(status, resp.headers.items(), int(length))
+            self._send_head(status, lines, int(length), dated)
         else:
             self.resp_chunked = True
-            self._write_head(status, resp.headers.items(), None)
+            self._send_head(status, lines, None, dated)
 
     def _write_head(self, status: int, items: Sequence[tuple[str, str]], length: int | None) -> None:
-        """``length``: a number, None (chunked; close-delimited to an HTTP/1.0 client), or -1 (no framing
-        header: the answer to HEAD, 204, 304)."""
+        """Write a head the gateway holds as text (plugins' answers, buffered responses)."""
+        lines = [f"{k}: {v}\r\n".encode("latin-1") for k, v in items]
+        self._send_head(status, lines, length, any(k == "date" for k, _ in items))
+
+    def _send_head(self, status: int, lines: list[bytes], length: int | None, dated: bool) -> None:
+        """``lines``: the header lines; ``length``: a number, None (chunked; close-delimited to an HTTP/1.0
+        client), or -1 (no framing header: the answer to HEAD, 204, 304)."""
         client = self.client
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in items)
+        status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()
         if length is None:
             if self.req.http_version == "1.0":
                 client.keep_alive = False
                 self.resp_chunked = False
             else:
-                lines.append("transfer-encoding: chunked\r\n")
+                lines.append(b"transfer-encoding: chunked\r\n")
         elif length >= 0:
-            lines.append(f"content-length: {length}\r\n")
+            lines.append(b"content-length: %d\r\n" % length)
         if not client.keep_alive:
-            lines.append("connection: close\r\n")
-        head = "".join(lines).encode("latin-1")
-        if not any(k == "date" for k, _ in items):
-            head += b"date: " + client.server.date + b"\r\n"
-        client.write(head + b"\r\n")
+            lines.append(b"connection: close\r\n")
+        if not dated:
+            lines.append(b"date: " + client.server.date + b"\r\n")
+        lines.append(b"\r\n")
+        client.write(status_line + b"".join(lines))
         self.responded = True
 
     def response_chunk(self, chunk: bytes) -> None:
