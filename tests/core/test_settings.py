@@ -153,6 +153,7 @@ def test_settings_are_frozen_and_flat_lists_every_key(tmp_path: Path, monkeypatc
         "tracing.endpoint",
         "tracing.sample_ratio",
         "services",
+        "gateway",
     ]
     with pytest.raises(KeyError):
         settings.source_of("nope")

@@ -32,7 +32,8 @@ class Running:
     """A ``meshkit run`` process whose output is collected by a thread (so a full pipe never blocks it)."""
 
     def __init__(self, folder: Path, *args: str) -> None:
-        env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+        # the gateway on a free port: tests run beside other things that may hold the shop's 8080
+        env = {**os.environ, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", "MESHKIT_GATEWAY__PORT": "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meshkit", "run", str(folder), *args],
             stdout=subprocess.PIPE,
@@ -74,9 +75,12 @@ class Running:
         return code
 
 
-def call(method: str, url: str, body: object | None = None) -> tuple[int, object]:
+def call(method: str, url: str, body: object | None = None, token: str | None = None) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -152,6 +156,24 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
             "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "car", "quantity": 1}
         )
         assert status == 404 and "unknown sku" in json.dumps(unknown)
+
+        # through the gateway: JWT on the order API, the BFF routes shaped per client type
+        gateway = re.search(r"│\s*gateway\s*│\s*│\s*(http://[\d.:]+)\s*│", run.output)
+        token = re.search(r"TOKEN=(\S+)", run.output)
+        assert gateway is not None and token is not None, run.output
+        base = gateway.group(1)
+        body = {"customer": "cy", "email": "c@x", "sku": "book", "quantity": 1}
+        status, refused = call("POST", f"{base}/api/orders", body)
+        assert status == 401 and isinstance(refused, dict) and refused["status"] == 401
+        status, placed = call("POST", f"{base}/api/orders", body, token=token.group(1))
+        assert status == 201 and isinstance(placed, dict), placed
+        status, mobile = call("GET", f"{base}/bff/mobile/orders/{placed['id']}", token=token.group(1))
+        assert status == 200, mobile
+        assert mobile == {"id": placed["id"], "sku": "book", "total": 1500, "paid": 1500, "items": 1}
+        status, web = call("GET", f"{base}/bff/web/orders/{placed['id']}", token=token.group(1))
+        assert status == 200 and isinstance(web, dict) and set(web) == {"order", "shipment", "charge"}
+        status, stock = call("GET", f"{base}/api/stock/book")
+        assert status == 200 and isinstance(stock, dict) and "quantity" in stock
 
         status, ready = call("GET", f"{urls['payments'][0]}/readyz")
         assert status == 200 and isinstance(ready, dict) and ready["ready"] is True

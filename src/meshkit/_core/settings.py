@@ -47,6 +47,7 @@ __all__ = [
     "SWITCHES",
     "BrokerSettings",
     "DatabaseSettings",
+    "GatewayEntry",
     "LogSettings",
     "RegistrySettings",
     "Section",
@@ -162,6 +163,13 @@ class ServiceEntry(Section):
         return v
 
 
+class GatewayEntry(Section):
+    """The gateway ``meshkit run`` puts in front of a system's services: ``[gateway]`` in ``meshkit.toml``."""
+
+    config: str = "gateway.yaml"  # the gateway's YAML, relative to the folder of meshkit.toml
+    port: int | None = Field(default=None, ge=0, le=65535)  # overrides the YAML's listen.port (0: a free port)
+
+
 class Settings(Section):
     """The effective settings. Read a value with attributes (``settings.broker.url``), every value by dotted key
     with :meth:`flat`, and where one came from with :meth:`source_of`."""
@@ -172,6 +180,7 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     services: dict[str, ServiceEntry] = Field(default_factory=dict)
+    gateway: GatewayEntry | None = None
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshkit.errors import ConfigurationError
-from meshkit.runner import Ready, Supervisor, load_system, run_monolith
+from meshkit.runner import Ready, Supervisor, dev_token, gateway_config, load_system, run_monolith
 
 
 def _replicas(values: list[str]) -> dict[str, int]:
@@ -44,6 +44,7 @@ def run(
     if counts and chosen == "monolith":
         raise ConfigurationError("--replicas needs --mode processes", hint="a monolith runs one of each service")
     system = load_system(path)
+    gateway = gateway_config(system)  # a broken gateway.yaml fails here, before anything starts
     console = Console(highlight=False)
 
     def ready(rows: Ready) -> None:
@@ -59,6 +60,8 @@ def run(
             text = readme.read_text()
             for service, url in first.items():
                 text = text.replace("{" + service + "}", url)
+            token = dev_token(gateway) if gateway is not None and "{token}" in text else None
+            text = text.replace("{token}", token or "<a token>")
             console.print(text.rstrip(), markup=False)
         console.print("Ctrl-C stops everything.", style="dim")
 

@@ -5,8 +5,19 @@
 The same services run either way without a code change (docs/runtime.md).
 """
 
+from meshkit.runner.edge import dev_token, front_gateway, gateway_config
 from meshkit.runner.monolith import Ready, run_monolith
 from meshkit.runner.processes import Supervisor
 from meshkit.runner.system import Mode, System, load_system
 
-__all__ = ["Mode", "Ready", "Supervisor", "System", "load_system", "run_monolith"]
+__all__ = [
+    "Mode",
+    "Ready",
+    "Supervisor",
+    "System",
+    "dev_token",
+    "front_gateway",
+    "gateway_config",
+    "load_system",
+    "run_monolith",
+]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from meshkit import discovery, messaging
 from meshkit.client import AsgiTransport
+from meshkit.runner.edge import front_gateway
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runner.system import System
 from meshkit.runtime import RunContext
@@ -45,11 +46,15 @@ async def run_monolith(
                         metadata={"mode": "monolith"},
                     )
                     served.append(await bring_up(service, ctx, host, bind(host, entry.port or 0)))
-                if on_ready is not None:
-                    on_ready(
-                        [(s.service.name, s.service.instance.id if s.service.instance else "", s.url) for s in served]
-                    )
-                await stop.wait()
+                async with front_gateway(system, registry) as gateway:
+                    if on_ready is not None:
+                        rows = [
+                            (s.service.name, s.service.instance.id if s.service.instance else "", s.url) for s in served
+                        ]
+                        if gateway is not None:
+                            rows.append(("gateway", "", f"http://{host}:{gateway.port}"))
+                        on_ready(rows)
+                    await stop.wait()
             finally:
                 await bring_down(served)
     finally:

@@ -28,6 +28,7 @@ from meshkit._core.optional import require
 from meshkit.discovery.health import CheckPolicy, HealthChecker, HttpProbe
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.resilience import Exponential
+from meshkit.runner.edge import front_gateway
 from meshkit.runner.monolith import Ready
 from meshkit.runner.serve import bind
 from meshkit.runner.system import System
@@ -190,9 +191,16 @@ class Supervisor:
             done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if waiting in done:
                 waiting.result()
-                if on_ready is not None:
-                    on_ready([(c.service, c.label, f"http://{self.host}:{c.port}") for c in self.children])
-                await stop.wait()
+                async with (
+                    discovery.connect(self.system.registry_url("processes")) as registry,
+                    front_gateway(self.system, registry) as gateway,
+                ):
+                    if on_ready is not None:
+                        rows = [(c.service, c.label, f"http://{self.host}:{c.port}") for c in self.children]
+                        if gateway is not None:
+                            rows.append(("gateway", "", f"http://{self.host}:{gateway.port}"))
+                        on_ready(rows)
+                    await stop.wait()
             else:
                 waiting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Unavailable):
