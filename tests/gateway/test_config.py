@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,3 +205,23 @@ def test_the_cli_reports_config_errors_without_a_traceback(tmp_path: Path) -> No
         check=False,
     )
     assert "no gateway config at" in missing.stderr and "Traceback" not in missing.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_published_schema_is_current() -> None:
+    """docs/gateway.schema.json is what `meshkit gateway schema` prints (regenerate it when the config changes)."""
+    kinds = builtin_plugins()
+    current = json_schema({name: cls.Options for name, cls in kinds.items()})
+    published = (ROOT / "docs" / "gateway.schema.json").read_text()
+    assert json.loads(published) == json.loads(current), "run: meshkit gateway schema > docs/gateway.schema.json"
+
+
+def test_the_yaml_examples_in_the_docs_and_the_shop_validate() -> None:
+    text = (ROOT / "docs" / "gateway.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        parse_config(block.replace("plugins: [{jwt: {...}}]", "plugins: []"), "docs/gateway.md")
+    parse_config((ROOT / "examples" / "shop" / "gateway.yaml").read_text(), "gateway.yaml")
