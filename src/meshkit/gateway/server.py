@@ -623,10 +623,11 @@ class _UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "closed",
         "exchange",
-        "headers",
         "idle_since",
         "key",
         "parser",
+        "raw",
+        "reading_head",
         "reset_parser",
         "server",
         "transport",
@@ -639,7 +640,8 @@ class _UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: _Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.raw = b""  # the bytes of a response head being received
+        self.reading_head = False
         self.idle_since = 0.0
         self.closed = False
         self.used = False
@@ -668,6 +670,8 @@ class _UpstreamConn(asyncio.Protocol):
             return
         client = self.exchange.client
         client.cork()
+        if self.reading_head:
+            self.raw = self.raw + data if self.raw else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -697,16 +701,19 @@ class _UpstreamConn(asyncio.Protocol):
                 self.transport.close()
 
     # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))  # raw: most responses go through without being decoded
+    # no on_header callback: the head is taken from the bytes received (one split instead of a Python call per
+    # header), after llhttp has validated it
 
     def on_headers_complete(self) -> None:
+        raw = self.raw
+        end = raw.find(b"\r\n\r\n")
+        head, self.raw = raw[:end], raw[end + 4 :]
         exchange = self.exchange
         if exchange is not None:
-            exchange.response_head(self.parser.get_status_code(), self.headers, self.parser.should_keep_alive())
+            status = self.parser.get_status_code()
+            if not 100 <= status < 200:
+                self.reading_head = False
+            exchange.response_head(status, head.split(b"\r\n")[1:], self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
@@ -988,6 +995,8 @@ class _Exchange:
     def attach(self, conn: _UpstreamConn) -> None:
         self.up = conn
         conn.exchange = self
+        conn.reading_head = True
+        conn.raw = b""
         route = self.route
         assert route is not None
         req = self.req
@@ -1137,7 +1146,7 @@ class _Exchange:
 
     # -- the response side --------------------------------------------------------------------------------------
 
-    def response_head(self, status: int, raw: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def response_head(self, status: int, raw: list[bytes], keep_alive: bool) -> None:
         if 100 <= status < 200:
             self.resp_ignore = True  # an interim response (103 Early Hints): not passed on
             return
@@ -1150,27 +1159,30 @@ class _Exchange:
         length: bytes | None = None
         chunked = False
         tokens: set[bytes] | None = None
-        kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
-        for name, value in raw:
+        dated = False
+        kept: list[bytes] = []  # header lines as received
+        for line in raw:
+            name, _, value = line.partition(b":")
             lname = name.lower()
             if lname in _RESPONSE_SKIP:
                 if lname == b"content-length":
-                    length = value
+                    length = value.strip()
                 elif lname == b"transfer-encoding":
                     chunked = True
                 elif lname == b"connection":
                     tokens = {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
                 continue
-            kept.append((lname, name, value))
+            if lname == b"date":
+                dated = True
+            kept.append(line)
         if tokens:
-            kept = [k for k in kept if k[0] not in tokens]
+            kept = [k for k in kept if k.partition(b":")[0].lower() not in tokens]
         self.resp_framed = chunked or length is not None
         bodiless = self.head_only or status in (204, 304)
         if route.response_chain:
             # plugins see (and may change) the head: decode it once
-            resp = ResponseHead(
-                status, Headers._trusted([(k.decode("latin-1"), v.decode("latin-1")) for k, _, v in kept])
-            )
+            fields = [line.decode("latin-1").partition(":") for line in kept]
+            resp = ResponseHead(status, Headers._trusted([(k.lower(), v.strip()) for k, _, v in fields]))
             self.resp = resp
             if route.buffer_response and not bodiless:
                 self.resp_body = []  # the plugins see head and body together once the body is in
@@ -1180,8 +1192,9 @@ class _Exchange:
             dated = "date" in resp.headers
         else:
             self.resp = ResponseHead(status, _NO_HEADERS)
-            lines = [b"%s: %s\r\n" % (name, value) for _, name, value in kept]
-            dated = any(k[0] == b"date" for k in kept)
+            lines = kept
+            lines.append(b"")  # the CRLF after the last kept line (joined below)
+            lines = [b"\r\n".join(lines)]
         if bodiless:
             if self.head_only and length is not None:
                 lines.append(b"content-length: %s\r\n" % length)
