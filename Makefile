@@ -5,7 +5,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-resilience test lint typecheck unit soak bench bench-brokers clean venv
+.PHONY: demo demo-resilience test lint typecheck unit soak bench bench-brokers bench-gateway clean venv
 
 $(STAMP): pyproject.toml constraints.txt scripts/python.sh
 	@test -x $(BIN)/python || "$$(scripts/python.sh)" -m venv $(VENV)
@@ -43,6 +43,10 @@ soak: venv
 bench: venv
 	$(BIN)/python benchmarks/resilience.py
 	$(BIN)/python benchmarks/messaging.py
+
+bench-gateway: venv
+	scripts/install-bench-tools.sh
+	$(BIN)/python benchmarks/gateway.py
 
 bench-brokers: venv
 	scripts/ensure-services.sh
