@@ -43,6 +43,7 @@ from meshkit.errors import CircuitOpen, ConfigurationError, TimeoutExceeded, Una
 from meshkit.resilience import Bound, BreakerState, BreakerTransition, Bulkhead, CircuitBreaker, Pipeline, Timeout
 from meshkit.resilience.events import Event
 from meshkit.tracing import inject
+from meshkit.tracing.spans import span, status_code_error
 
 __all__ = ["IDEMPOTENT_METHODS", "QueryParams", "ServiceClient"]
 
@@ -99,11 +100,13 @@ class ServiceClient:
         options: ClientOptions | None = None,
         transport: Transport | None = None,
         clock: Clock | None = None,
+        tracer: Any = None,
     ) -> None:
         if not service:
             raise ConfigurationError("a service client needs the name of the service it calls")
         self.service = service
         self.registry = registry
+        self.tracer = tracer  # an OpenTelemetry tracer: each call is a client span (None: no spans)
         self.options = opts = options or ClientOptions()
         self.clock: Clock = clock or MonotonicClock()
         if transport is None:
@@ -265,10 +268,14 @@ class ServiceClient:
         """
         if self._closed:
             raise ConfigurationError(f"the client of {self.service!r} is closed")
-        request = _build(method, path, params, headers, json, content)
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"timeout must be positive, not {timeout!r}")
         budget = timeout if timeout is not None else self.options.timeout
+        if self.tracer is not None:
+            return await self._traced(method, path, params, headers, json, content, budget, idempotent)
+        return await self._call(_build(method, path, params, headers, json, content), budget, idempotent)
+
+    async def _call(self, request: Request, budget: float | None, idempotent: bool) -> Response:
         if not self._ready:
             await self._first_snapshot(budget)
         if not self._current_rotation():  # empty only when no instance is healthy (see _rebuild)
@@ -279,6 +286,30 @@ class ServiceClient:
         if pipeline is None:
             return await self._attempt(call)
         return await pipeline.acall(self._attempt, call)
+
+    async def _traced(
+        self,
+        method: str,
+        path: str,
+        params: QueryParams | None,
+        headers: HeadersLike | None,
+        json: Any,
+        content: bytes | str | None,
+        budget: float | None,
+        idempotent: bool,
+    ) -> Response:
+        """The call in a client span; the request is built inside it, so it carries the span's traceparent."""
+        attributes = {"http.request.method": method.upper(), "url.path": path, "peer.service": self.service}
+        with span(self.tracer, f"{method.upper()} {self.service}", kind="client", attributes=attributes) as current:
+            request = _build(method, path, params, headers, json, content)
+            response = await self._call(request, budget, idempotent)
+            current.set_attribute("http.response.status_code", response.status)
+            if response.instance is not None:
+                current.set_attribute("server.address", response.instance.host)
+                current.set_attribute("server.port", response.instance.port)
+            if response.status >= 500:
+                current.set_status(status_code_error(), f"HTTP {response.status}")
+            return response
 
     async def _attempt(self, call: _Call) -> Response:
         member = self._choose(call.tried)

@@ -40,7 +40,7 @@ from meshkit.gateway.config import (
     load_config,
     validate_options,
 )
-from meshkit.gateway.observe import AccessLog, Metrics
+from meshkit.gateway.observe import AccessLog, GatewaySpans, Metrics
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest, Reply
 from meshkit.gateway.router import PathMatcher, Router
 from meshkit.gateway.server import Limits, Route, Server, Upstream
@@ -95,8 +95,10 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         reuse_port: bool = False,
         admin: bool = True,
+        tracer: Any = None,
     ) -> None:
         self.loaded = loaded
+        self.tracer = tracer  # an OpenTelemetry tracer: a span per request, BFF calls as its children
         self.path = Path(path) if path is not None else None
         self.clock = clock
         self.reuse_port = reuse_port
@@ -161,6 +163,7 @@ class Gateway:
             trusted=trusted,
             observer=self.metrics,
             scheme="https" if tls else "http",
+            spans=GatewaySpans(self.tracer) if self.tracer is not None else None,
         )
         loop = asyncio.get_running_loop()
         self.server.start()
@@ -312,6 +315,7 @@ class Gateway:
                     client = ServiceClient(
                         call.service or await self._static_service(call),
                         self.registry if call.service else self._static,
+                        tracer=self.tracer,
                     )
                     built.bff_clients.append(client)
                     clients[name] = client

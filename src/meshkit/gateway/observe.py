@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import sys
@@ -30,7 +31,7 @@ from meshkit._core.optional import require
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest
 from meshkit.gateway.server import Observer
 
-__all__ = ["AccessLog", "Metrics"]
+__all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -185,3 +186,47 @@ class AccessLog(Plugin):
         self.flush()
         if self._owned:
             self._stream.close()
+
+
+class GatewaySpans:
+    """A server span per request (``GET orders``: method and route), continuing the caller's trace; the upstream
+    and the BFF calls receive its context. Used when the gateway is given a tracer."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self._propagate = require("opentelemetry.propagate", "otel")
+        self._trace = require("opentelemetry.trace", "otel")
+        self._server = self._trace.SpanKind.SERVER
+        self._error = self._trace.StatusCode.ERROR
+
+    def start(self, req: ProxyRequest) -> Any:
+        carrier = {k: v for k, v in req.headers.items() if k in ("traceparent", "tracestate")}
+        context = self._propagate.extract(carrier) if carrier else None
+        return self.tracer.start_span(
+            f"{req.method} {req.route}" if req.route else req.method,
+            context=context,
+            kind=self._server,
+            attributes={
+                "http.request.method": req.method,
+                "url.path": req.path,
+                "url.scheme": req.scheme,
+                "client.address": req.client,
+                "http.route": req.route,
+            },
+        )
+
+    def traceparent(self, span: Any) -> str:
+        ctx = span.get_span_context()
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+    def activate(self, span: Any) -> contextlib.AbstractContextManager[Any]:
+        manager: contextlib.AbstractContextManager[Any] = self._trace.use_span(span, end_on_exit=False)
+        return manager
+
+    def end(self, span: Any, req: ProxyRequest, status: int) -> None:
+        span.set_attribute("http.response.status_code", status)
+        if req.consumer is not None:
+            span.set_attribute("enduser.id", req.consumer)
+        if status >= 500 or status == 0:
+            span.set_status(self._error, f"HTTP {status}" if status else "no answer")
+        span.end()

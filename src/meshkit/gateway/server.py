@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -147,6 +147,18 @@ class Route:
         return self
 
 
+class SpanHooks(Protocol):
+    """How the server records a span per request when tracing is on (see ``observe.GatewaySpans``)."""
+
+    def start(self, req: ProxyRequest) -> Any: ...
+
+    def traceparent(self, span: Any) -> str: ...
+
+    def activate(self, span: Any) -> contextlib.AbstractContextManager[Any]: ...
+
+    def end(self, span: Any, req: ProxyRequest, status: int) -> None: ...
+
+
 class Observer:
     """What the server reports to (metrics); the gateway passes one. The base class records nothing."""
 
@@ -171,8 +183,10 @@ class Server:
         scheme: str = "http",
         connect_timeout: float = 5.0,
         max_idle_per_host: int = 256,
+        spans: SpanHooks | None = None,
     ) -> None:
         self.router = router
+        self.spans = spans
         self.limits = limits or Limits()
         self.trusted = trusted
         self.observer = observer or Observer()
@@ -771,6 +785,7 @@ class _Exchange:
         "resp_ignore",
         "responded",
         "route",
+        "span",
         "started_upstream",
         "status",
         "status_only",
@@ -820,11 +835,15 @@ class _Exchange:
         self.chunked_out = False
         self.responded = False  # the response head was written
         self.status = 0
+        self.span: Any = None  # the gateway's span of this request (tracing on)
 
     # -- the request side ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         route = self.route
+        spans = self.client.server.spans
+        if spans is not None:
+            self.span = spans.start(self.req)
         if route is None:
             status = self.status_only
             message = "no route for this path" if status == 404 else "the route does not allow this method"
@@ -910,12 +929,27 @@ class _Exchange:
         self.has_body = bool(body)
         return True
 
+    def hop_traceparent(self, incoming: str | None) -> str:
+        """The ``traceparent`` of the gateway's hop: its span's (with tracing on) or a new span id in the caller's
+        trace."""
+        spans = self.client.server.spans
+        if spans is None:
+            return _next_traceparent(incoming, self.client.server.random)
+        if self.span is None:
+            self.span = spans.start(self.req)
+        return spans.traceparent(self.span)
+
     async def _handle(self, handler: Handler) -> None:
         # the gateway's hop of the trace: what the handler's own calls carry
         headers = self.req.headers
-        headers.set("traceparent", _next_traceparent(headers.get("traceparent"), self.client.server.random))
+        headers.set("traceparent", self.hop_traceparent(headers.get("traceparent")))
+        spans = self.client.server.spans
         try:
-            reply = await handler(self.req, b"".join(self.body))
+            if spans is not None and self.span is not None:
+                with spans.activate(self.span):
+                    reply = await handler(self.req, b"".join(self.body))
+            else:
+                reply = await handler(self.req, b"".join(self.body))
         except Exception:
             log.exception("gateway: the handler of route %s failed", self.req.route)
             reply = Reply.error(500, "the gateway failed to handle this request")
@@ -1031,7 +1065,7 @@ class _Exchange:
         lines.append(f"x-forwarded-proto: {req.scheme}\r\n")
         if self.host:
             lines.append(f"x-forwarded-host: {self.host}\r\n")
-        lines.append(f"traceparent: {_next_traceparent(traceparent, server.random)}\r\n")
+        lines.append(f"traceparent: {self.hop_traceparent(traceparent)}\r\n")
         buffered = not self.streaming and (self.request_done or route.buffer_request)
         if not self.has_body:
             lines.append("\r\n")
@@ -1356,6 +1390,11 @@ class _Exchange:
     def _done(self, status: int) -> None:
         route = self.route
         elapsed = time.perf_counter() - self.req.started
+        if self.span is not None:
+            spans = self.client.server.spans
+            if spans is not None:
+                spans.end(self.span, self.req, status)
+            self.span = None
         if route is not None:
             for hook in route.done_hooks:
                 try:

@@ -35,6 +35,7 @@ from meshkit.discovery import Instance, Lease, Registry
 from meshkit.errors import ConfigurationError
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
 from meshkit.tracing import extracted
+from meshkit.tracing.spans import current_links, span, status_code_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -65,6 +66,7 @@ class RunContext:
     ttl: float = 10.0  # the registry lease; heartbeats every ttl / 3
     client_options: ClientOptions | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)  # added to the instance's (e.g. mode, replica)
+    tracer: Any = None  # an OpenTelemetry tracer of this service (meshkit.tracing.provider); None: no spans
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ class Downstream:
 
     def _bind(self, ctx: RunContext) -> None:
         options = self._options or ctx.client_options
-        self._client = ServiceClient(self.name, ctx.registry, options=options, transport=ctx.transport)
+        self._client = ServiceClient(
+            self.name, ctx.registry, options=options, transport=ctx.transport, tracer=ctx.tracer
+        )
 
     async def _unbind(self) -> None:
         client, self._client = self._client, None
@@ -244,8 +248,21 @@ class Service:
         return self._lease.instance if self._lease is not None else None
 
     async def publish(self, topic: str, data: Any, *, key: str | None = None, **kwargs: Any) -> str:
-        """Publish through the service's broker (the message id is returned)."""
-        return await self.broker.publish(topic, data, key=key, **kwargs)
+        """Publish through the service's broker (the message id is returned), in a producer span: the message
+        carries its context, so the handlers' spans are its children."""
+        tracer = self._ctx.tracer if self._ctx is not None else None
+        if tracer is None:
+            return await self.broker.publish(topic, data, key=key, **kwargs)
+        attributes = {
+            "messaging.system": "meshkit",
+            "messaging.destination.name": topic,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+        }
+        with span(tracer, f"{topic} publish", kind="producer", attributes=attributes) as current:
+            message_id = await self.broker.publish(topic, data, key=key, **kwargs)
+            current.set_attribute("messaging.message.id", message_id)
+            return message_id
 
     # -- lifecycle (called by the runner) --------------------------------------------------------------------------
 
@@ -261,8 +278,9 @@ class Service:
             for hook in self._on_start:
                 await hook()
             for sub in self._subscriptions:
+                handler = sub.handler if ctx.tracer is None else _traced_handler(ctx.tracer, sub)
                 self._running.append(
-                    await ctx.broker.subscribe(sub.topic, sub.handler, group=sub.group, options=sub.options)
+                    await ctx.broker.subscribe(sub.topic, handler, group=sub.group, options=sub.options)
                 )
         except BaseException:
             await self.stop()
@@ -344,12 +362,60 @@ class Service:
         if app is None:
             app = self.http  # creates the FastAPI app: a service with no routes still answers 404s properly
         raw = scope.get("headers", ()) if scope["type"] == "http" else ()
-        if any(k == b"traceparent" for k, _ in raw):  # the common untraced request builds no dict
+        tracer = self._ctx.tracer if self._ctx is not None else None
+        if tracer is not None and scope["type"] == "http":
+            await _traced_request(tracer, app, scope, receive, send)
+        elif any(k == b"traceparent" for k, _ in raw):  # the common untraced request builds no dict
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}  # ASGI names are lower-case
             with extracted(headers):
                 await app(scope, receive, send)
         else:
             await app(scope, receive, send)
+
+
+async def _traced_request(tracer: Any, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve one request inside a server span, a child of the caller's ``traceparent``."""
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+    method = scope.get("method", "GET")
+    attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
+    status = [500]
+
+    async def send_status(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = int(message["status"])
+        await send(message)
+
+    with extracted(carrier), span(tracer, method, kind="server", attributes=attributes) as current:
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None)
+            if template:
+                current.update_name(f"{method} {template}")
+                current.set_attribute("http.route", template)
+            current.set_attribute("http.response.status_code", status[0])
+            if status[0] >= 500:
+                current.set_status(status_code_error(), f"HTTP {status[0]}")
+
+
+def _traced_handler(tracer: Any, sub: _Subscription) -> MessageHandler:
+    """The handler inside a consumer span: a child of the publish span the message came from, and linked to it."""
+    handler = sub.handler
+
+    async def traced(message: Message) -> None:
+        links = current_links()
+        attributes = {
+            "messaging.system": "meshkit",
+            "messaging.destination.name": sub.topic,
+            "messaging.consumer.group.name": sub.group,
+            "messaging.operation.type": "process",
+            "messaging.message.id": message.id,
+        }
+        with span(tracer, f"{sub.topic} process", kind="consumer", attributes=attributes, links=links):
+            await handler(message)
+
+    return traced
 
 
 async def _json(send: Send, status: int, body: object) -> None:

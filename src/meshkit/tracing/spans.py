@@ -1,0 +1,204 @@
+"""Spans: meshkit's OpenTelemetry instrumentation, and the tracer providers ``meshkit run`` gives services.
+
+Every hop is a span with its parent: the gateway's request (server), a service's request (server, ``GET
+/orders/{order_id}``), its calls to other services (client, ``POST payments``), the messages it publishes
+(producer, ``order.created publish``) and each handler that receives one (consumer, ``order.created process``: a
+child of the publish span, and linked to it). Names and attributes follow the OpenTelemetry semantic conventions
+(``http.*``, ``server.*``, ``messaging.*``).
+
+A service gets a tracer from its runner (:func:`provider` makes one per service, so spans carry the right
+``service.name`` even when several services share a process); code that has none (``tracer=None``) pays nothing.
+:func:`provider` exports over OTLP/HTTP (protobuf) to ``endpoint`` (the built-in collector by default in ``meshkit
+run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Sampling is parent-based and deterministic by trace
+id, so every service keeps or drops the same traces, and a trace with an error is kept whatever the ratio (see
+:class:`ErrorKeepingProcessor`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from meshkit._core.optional import require
+
+__all__ = [
+    "ErrorKeepingProcessor",
+    "TraceLogFilter",
+    "current_links",
+    "provider",
+    "span",
+    "span_kind",
+    "status_code_error",
+]
+
+_KINDS = ("internal", "server", "client", "producer", "consumer")
+
+
+def span_kind(kind: str) -> Any:
+    """The OpenTelemetry ``SpanKind`` named ``kind`` (``server``, ``client``, ``producer``, ``consumer``)."""
+    trace = require("opentelemetry.trace", "otel")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown span kind {kind!r}; one of {', '.join(_KINDS)}")
+    return getattr(trace.SpanKind, kind.upper())
+
+
+@contextlib.contextmanager
+def span(
+    tracer: Any | None,
+    name: str,
+    *,
+    kind: str = "internal",
+    attributes: Mapping[str, Any] | None = None,
+    context: Any = None,
+    links: Sequence[Any] = (),
+) -> Iterator[Any]:
+    """``with span(tracer, "GET /x", kind="server") as s:`` a current span (``None`` and no cost without a tracer).
+    An exception leaving the block is recorded on the span and sets its status to error."""
+    if tracer is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+        name,
+        context=context,
+        kind=span_kind(kind),
+        attributes=dict(attributes) if attributes else None,
+        links=list(links) or None,
+    ) as current:
+        yield current
+
+
+def current_links() -> list[Any]:
+    """A link to the current span (the publish span a message carried), for a consumer span to point back to."""
+    trace = require("opentelemetry.trace", "otel")
+    context = trace.get_current_span().get_span_context()
+    return [trace.Link(context)] if context.is_valid else []
+
+
+def status_code_error() -> Any:
+    """OpenTelemetry's ``StatusCode.ERROR``."""
+    return require("opentelemetry.trace", "otel").StatusCode.ERROR
+
+
+def provider(
+    service: str,
+    *,
+    endpoint: str | None = None,
+    exporter: Any = None,
+    sample_ratio: float = 1.0,
+    keep_errors: bool = True,
+    batch: bool = True,
+    attributes: Mapping[str, str] | None = None,
+) -> Any:
+    """A ``TracerProvider`` for ``service``: spans go to ``exporter``, or over OTLP/HTTP to ``endpoint`` (the
+    collector's ``/v1/traces`` URL). Call its ``shutdown()`` when the service stops (it flushes what is left)."""
+    sdk_trace = require("opentelemetry.sdk.trace", "otel")
+    resources = require("opentelemetry.sdk.resources", "otel")
+    export = require("opentelemetry.sdk.trace.export", "otel")
+    sampling = require("opentelemetry.sdk.trace.sampling", "otel")
+    if exporter is None:
+        if endpoint is None:
+            raise ValueError("a tracer provider needs an endpoint or an exporter")
+        otlp = require("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otel")
+        exporter = otlp.OTLPSpanExporter(endpoint=endpoint, timeout=5)
+    inner = (
+        export.BatchSpanProcessor(exporter, schedule_delay_millis=500)
+        if batch
+        else export.SimpleSpanProcessor(exporter)
+    )
+    # every span is recorded (so an error later in a trace can still keep it); the processor decides what leaves
+    sampler = (
+        sampling.ParentBased(sampling.ALWAYS_ON)
+        if keep_errors
+        else sampling.ParentBased(sampling.TraceIdRatioBased(sample_ratio))
+    )
+    result = sdk_trace.TracerProvider(
+        resource=resources.Resource.create({"service.name": service, **(attributes or {})}), sampler=sampler
+    )
+    result.add_span_processor(ErrorKeepingProcessor(inner, sample_ratio) if keep_errors else inner)
+    return result
+
+
+class ErrorKeepingProcessor:
+    """Exports the spans of a ``ratio`` of traces (chosen by trace id, the same choice in every process) and every
+    span of a trace in which a span ended with an error.
+
+    Spans of a trace not (yet) chosen wait in a bounded buffer: when one of its spans fails, the trace's spans
+    seen so far and all later ones are exported. Parents end after their children, so a failing call keeps the
+    spans above it in this process; spans other processes already dropped stay dropped (their own error, if any,
+    keeps them there).
+    """
+
+    _BOUND = (1 << 64) - 1
+
+    def __init__(self, inner: Any, ratio: float, *, max_traces: int = 2048, max_spans_per_trace: int = 512) -> None:
+        self._inner = inner
+        self._threshold = int(max(0.0, min(1.0, ratio)) * self._BOUND)
+        self._pending: collections.OrderedDict[int, list[Any]] = collections.OrderedDict()
+        self._kept: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._max_traces = max_traces
+        self._max_spans = max_spans_per_trace
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self._inner.on_start(span, parent_context=parent_context)
+
+    def _on_ending(self, span: Any) -> None:
+        """The SDK's hook before ``on_end`` (newer SDKs call it on every processor); passed on."""
+        hook = getattr(self._inner, "_on_ending", None)
+        if hook is not None:
+            hook(span)
+
+    def on_end(self, span: Any) -> None:
+        trace_id = span.context.trace_id
+        if (trace_id & self._BOUND) <= self._threshold and self._threshold:
+            self._inner.on_end(span)
+            return
+        failed = not span.status.is_ok and span.status.status_code.name == "ERROR"
+        with self._lock:
+            if trace_id in self._kept:
+                flush = [span]
+            elif failed:
+                flush = [*self._pending.pop(trace_id, []), span]
+                self._kept[trace_id] = None
+                while len(self._kept) > self._max_traces:
+                    self._kept.popitem(last=False)
+            else:
+                spans = self._pending.get(trace_id)
+                if spans is None:
+                    spans = self._pending[trace_id] = []
+                    while len(self._pending) > self._max_traces:
+                        self._pending.popitem(last=False)
+                if len(spans) < self._max_spans:
+                    spans.append(span)
+                flush = []
+        for done in flush:
+            self._inner.on_end(done)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self._inner.force_flush(timeout_millis))
+
+
+class TraceLogFilter(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` (hex, empty outside a span) to every log record, so logs and traces join.
+    Install it on a handler: ``handler.addFilter(TraceLogFilter())``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trace_id = span_id = ""
+        try:
+            trace = require("opentelemetry.trace", "otel")
+        except Exception:
+            trace = None
+        if trace is not None:
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+        record.trace_id = trace_id
+        record.span_id = span_id
+        return True
