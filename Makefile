@@ -35,6 +35,7 @@ unit: venv
 test: lint typecheck
 	scripts/ensure-services.sh
 	scripts/install-etcd.sh >/dev/null
+	scripts/install-browser.sh
 	$(BIN)/pytest --cov=meshkit --cov-branch --cov-report=term:skip-covered
 
 soak: venv

@@ -20,6 +20,12 @@ PUBLIC_MODULES = [
     "meshkit.client",
     "meshkit.runtime",
     "meshkit.runner",
+    "meshkit.gateway",
+    "meshkit.dashboard",
+    "meshkit.tracing",
+    "meshkit.tracing.spans",
+    "meshkit.tracing.collector",
+    "meshkit.tracing.receiver",
 ]
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,6 +87,20 @@ def call(method: str, url: str, body: object | None = None, token: str | None = 
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
+
+
+def checkout_trace(traces_url: str) -> list[dict[str, Any]] | None:
+    """The spans of the latest trace rooted at the gateway's POST orders, once all ten of its spans arrived."""
+    _, found = call("GET", f"{traces_url}?service=gateway&operation=POST%20orders&limit=1")
+    if not isinstance(found, dict) or not found.get("traces"):
+        return None
+    _, trace = call("GET", f"{traces_url}/{found['traces'][0]['trace_id']}")
+    if not isinstance(trace, dict):
+        return None
+    spans = trace["spans"]
+    assert isinstance(spans, list)
+    # gateway, orders, 2 calls, 2 served calls, publish, 3 consumers
+    return spans if len(spans) >= 10 else None
 
 
 @pytest.fixture
@@ -174,6 +189,27 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         assert status == 200 and isinstance(web, dict) and set(web) == {"order", "shipment", "charge"}
         status, stock = call("GET", f"{base}/api/stock/book")
         assert status == 200 and isinstance(stock, dict) and "quantity" in stock
+
+        # the checkout's trace arrives complete in the built-in collector
+        traces = re.search(r"│\s*traces\s*│\s*│\s*(http://[\d.:]+/api/traces)\s*│", run.output)
+        assert traces is not None, run.output
+        wait_until(lambda: checkout_trace(traces.group(1)) is not None, "the checkout trace", timeout=60, every=0.3)
+        spans = checkout_trace(traces.group(1))
+        assert spans is not None
+        assert len({s["trace_id"] for s in spans}) == 1
+        ids = {s["span_id"] for s in spans}
+        roots = [s for s in spans if s["parent_span_id"] is None]
+        assert [(r["service"], r["name"]) for r in roots] == [("gateway", "POST orders")], roots
+        assert all(s["parent_span_id"] is None or s["parent_span_id"] in ids for s in spans), "a parent is missing"
+        publish = [s for s in spans if s["name"] == "order.created publish"]
+        assert len(publish) == 1 and publish[0]["service"] == "orders"
+        consumers = [s for s in spans if s["name"] == "order.created process"]
+        assert sorted(s["service"] for s in consumers) == ["analytics", "email", "inventory"]
+        for consumer in consumers:
+            assert consumer["parent_span_id"] == publish[0]["span_id"]
+            assert [link["span_id"] for link in consumer["links"]] == [publish[0]["span_id"]]
+        calls = {(s["service"], s["name"]) for s in spans if s["kind"] == "client"}
+        assert calls == {("orders", "POST payments"), ("orders", "POST shipping")}
 
         status, ready = call("GET", f"{urls['payments'][0]}/readyz")
         assert status == 200 and isinstance(ready, dict) and ready["ready"] is True

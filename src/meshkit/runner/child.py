@@ -18,6 +18,7 @@ import sys
 from meshkit import discovery, messaging
 from meshkit.client import HttpTransport
 from meshkit.errors import MeshkitError
+from meshkit.runner.observe import system_tracing
 from meshkit.runner.serve import bind, bring_down, bring_up
 from meshkit.runner.system import load_system
 from meshkit.runtime import RunContext
@@ -48,6 +49,7 @@ async def run_child(folder: str, name: str, host: str, port: int, replica: int) 
         async with (
             messaging.connect(system.broker_url("processes")) as broker,
             discovery.connect(system.registry_url("processes")) as registry,
+            system_tracing(system, host, collector=False) as tracing,
         ):
             ctx = RunContext(
                 broker=broker,
@@ -56,6 +58,7 @@ async def run_child(folder: str, name: str, host: str, port: int, replica: int) 
                 data_dir=system.data_dir(name),
                 instance_id=f"{replica}-{os.getpid()}",
                 metadata={"mode": "processes", "replica": str(replica), "pid": str(os.getpid())},
+                tracer=tracing.tracer(name),
             )
             served = await bring_up(service, ctx, host, bind(host, port))
             log.info("serving %s on %s", name, served.url)

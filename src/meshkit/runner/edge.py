@@ -37,14 +37,15 @@ def gateway_config(system: System) -> LoadedConfig | None:
 
 
 @contextlib.asynccontextmanager
-async def front_gateway(system: System, registry: Registry) -> AsyncIterator[Gateway | None]:
-    """Run the system's gateway (if it has one) on ``registry`` for the duration of the block."""
+async def front_gateway(system: System, registry: Registry, tracer: Any = None) -> AsyncIterator[Gateway | None]:
+    """Run the system's gateway (if it has one) on ``registry`` for the duration of the block (``tracer``: a span
+    per request)."""
     loaded = gateway_config(system)
     entry = system.settings.gateway
     if loaded is None or entry is None:
         yield None
         return
-    gateway = Gateway(loaded, registry=registry, path=system.folder / entry.config)
+    gateway = Gateway(loaded, registry=registry, path=system.folder / entry.config, tracer=tracer)
     await gateway.start(watch=True)
     try:
         yield gateway

@@ -8,11 +8,15 @@ API, balancing, resilience and trace propagation, without an HTTP hop.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 
 from meshkit import discovery, messaging
 from meshkit.client import AsgiTransport
+from meshkit.dashboard import LogBuffer, ServiceInfo
 from meshkit.runner.edge import front_gateway
+from meshkit.runner.observe import breaker_rows, system_dashboard, system_tracing
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runner.system import System
 from meshkit.runtime import RunContext
@@ -28,12 +32,16 @@ async def run_monolith(
 ) -> None:
     """Run every service until ``stop`` is set, then stop them gracefully."""
     services = [system.load(name) for name in system.services]
+    logs = LogBuffer()
+    handler = logs.handler()
+    logging.getLogger().addHandler(handler)  # the dashboard's Logs page: every service runs in this process
     transport = AsgiTransport({s.name: s.asgi for s in services})
     served: list[Served] = []
     try:
         async with (
             messaging.connect(system.broker_url("monolith")) as broker,
             discovery.connect(system.registry_url("monolith")) as registry,
+            system_tracing(system, host) as tracing,
         ):
             try:
                 for service in services:
@@ -44,18 +52,40 @@ async def run_monolith(
                         transport=transport,
                         data_dir=system.data_dir(service.name),
                         metadata={"mode": "monolith"},
+                        tracer=tracing.tracer(service.name),
                     )
                     served.append(await bring_up(service, ctx, host, bind(host, entry.port or 0)))
-                async with front_gateway(system, registry) as gateway:
+                started = time.time()
+                infos = {
+                    s.name: ServiceInfo(s.name, subscriptions=tuple(s.subscriptions), started_at=started)
+                    for s in services
+                }
+                async with (
+                    front_gateway(system, registry, tracing.tracer("gateway")) as gateway,
+                    system_dashboard(
+                        tracing,
+                        host,
+                        registry=registry,
+                        broker=broker,
+                        services=lambda: infos,
+                        resilience=breaker_rows(gateway),
+                        logs=logs,
+                    ) as dashboard,
+                ):
                     if on_ready is not None:
                         rows = [
                             (s.service.name, s.service.instance.id if s.service.instance else "", s.url) for s in served
                         ]
                         if gateway is not None:
                             rows.append(("gateway", "", f"http://{host}:{gateway.port}"))
+                        if tracing.collector_url is not None:
+                            rows.append(("traces", "", f"{tracing.collector_url}/api/traces"))
+                        if dashboard is not None:
+                            rows.append(("dashboard", "", dashboard))
                         on_ready(rows)
                     await stop.wait()
             finally:
                 await bring_down(served)
     finally:
         await transport.aclose()
+        logging.getLogger().removeHandler(handler)

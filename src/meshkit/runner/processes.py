@@ -23,13 +23,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from meshkit import discovery
+from meshkit import discovery, messaging
 from meshkit._core.optional import require
+from meshkit.dashboard import LogBuffer, ServiceInfo
 from meshkit.discovery.health import CheckPolicy, HealthChecker, HttpProbe
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.resilience import Exponential
 from meshkit.runner.edge import front_gateway
 from meshkit.runner.monolith import Ready
+from meshkit.runner.observe import Tracing, breaker_rows, system_dashboard, system_tracing
 from meshkit.runner.serve import bind
 from meshkit.runner.system import System
 
@@ -84,6 +86,8 @@ class Supervisor:
         self.health = health or CheckPolicy(interval=2.0, timeout=2.0)
         self.backoff = Exponential(0.5, cap=30.0)
         self._halt = asyncio.Event()
+        self.tracing = Tracing(None)  # set by run()
+        self.logs = LogBuffer()  # the children's output, for the dashboard's Logs page
         self.children: list[_Child] = []
         for name, entry in system.services.items():
             count = (replicas or {}).get(name, entry.replicas)
@@ -104,6 +108,25 @@ class Supervisor:
     def _say(self, child: _Child, line: str) -> None:
         self.out.write(f"{self._prefix(child)} {line}\n")
         self.out.flush()
+        self.logs.append_line(child.service, line)
+
+    def _service_infos(self) -> Callable[[], Mapping[str, ServiceInfo]]:
+        """The dashboard's view of the services: subscriptions (read from their code), restarts, start time."""
+        started = time.time()
+        subscriptions = {name: tuple(self.system.load(name).subscriptions) for name in self.system.services}
+
+        def infos() -> Mapping[str, ServiceInfo]:
+            return {
+                name: ServiceInfo(
+                    name,
+                    subscriptions=subscriptions[name],
+                    restarts=sum(c.restarts for c in self.children if c.service == name),
+                    started_at=started,
+                )
+                for name in self.system.services
+            }
+
+        return infos
 
     async def _pump(self, child: _Child, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():
@@ -113,6 +136,8 @@ class Supervisor:
 
     async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.tracing.endpoint is not None:
+            env["MESHKIT_TRACING__ENDPOINT"] = self.tracing.endpoint  # the children export to our collector
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -180,6 +205,12 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Ready], None] | None = None) -> None:
         """Start every child, report ready, run until ``stop`` is set, then stop every child gracefully."""
+        async with system_tracing(self.system, self.host) as tracing:
+            self.tracing = tracing
+            await self._run(stop, on_ready)
+
+    async def _run(self, stop: asyncio.Event, on_ready: Callable[[Ready], None] | None) -> None:
+        tracing = self.tracing
         checks = asyncio.create_task(self._check_health(), name="meshkit-health-checks")
         try:
             for child in self.children:
@@ -193,12 +224,26 @@ class Supervisor:
                 waiting.result()
                 async with (
                     discovery.connect(self.system.registry_url("processes")) as registry,
-                    front_gateway(self.system, registry) as gateway,
+                    messaging.connect(self.system.broker_url("processes")) as broker,
+                    front_gateway(self.system, registry, tracing.tracer("gateway")) as gateway,
+                    system_dashboard(
+                        tracing,
+                        self.host,
+                        registry=registry,
+                        broker=broker,
+                        services=self._service_infos(),
+                        resilience=breaker_rows(gateway),
+                        logs=self.logs,
+                    ) as dashboard,
                 ):
                     if on_ready is not None:
                         rows = [(c.service, c.label, f"http://{self.host}:{c.port}") for c in self.children]
                         if gateway is not None:
                             rows.append(("gateway", "", f"http://{self.host}:{gateway.port}"))
+                        if tracing.collector_url is not None:
+                            rows.append(("traces", "", f"{tracing.collector_url}/api/traces"))
+                        if dashboard is not None:
+                            rows.append(("dashboard", "", dashboard))
                         on_ready(rows)
                     await stop.wait()
             else:

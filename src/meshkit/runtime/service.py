@@ -243,6 +243,11 @@ class Service:
         return self.context.data_dir
 
     @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """``(topic, group)`` of every handler this service declared."""
+        return [(sub.topic, sub.group) for sub in self._subscriptions]
+
+    @property
     def instance(self) -> Instance | None:
         """This instance as registered (None until :meth:`register`)."""
         return self._lease.instance if self._lease is not None else None

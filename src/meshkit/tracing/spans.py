@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,12 +39,18 @@ __all__ = [
 _KINDS = ("internal", "server", "client", "producer", "consumer")
 
 
+@functools.cache
+def _api() -> Any:
+    """OpenTelemetry's trace API module (imported once, on first use: ``import meshkit`` stays cheap)."""
+    return require("opentelemetry.trace", "otel")
+
+
+@functools.cache
 def span_kind(kind: str) -> Any:
     """The OpenTelemetry ``SpanKind`` named ``kind`` (``server``, ``client``, ``producer``, ``consumer``)."""
-    trace = require("opentelemetry.trace", "otel")
     if kind not in _KINDS:
         raise ValueError(f"unknown span kind {kind!r}; one of {', '.join(_KINDS)}")
-    return getattr(trace.SpanKind, kind.upper())
+    return getattr(_api().SpanKind, kind.upper())
 
 
 @contextlib.contextmanager
@@ -73,14 +80,14 @@ def span(
 
 def current_links() -> list[Any]:
     """A link to the current span (the publish span a message carried), for a consumer span to point back to."""
-    trace = require("opentelemetry.trace", "otel")
+    trace = _api()
     context = trace.get_current_span().get_span_context()
     return [trace.Link(context)] if context.is_valid else []
 
 
 def status_code_error() -> Any:
     """OpenTelemetry's ``StatusCode.ERROR``."""
-    return require("opentelemetry.trace", "otel").StatusCode.ERROR
+    return _api().StatusCode.ERROR
 
 
 def provider(
@@ -105,7 +112,8 @@ def provider(
         otlp = require("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otel")
         exporter = otlp.OTLPSpanExporter(endpoint=endpoint, timeout=5)
     inner = (
-        export.BatchSpanProcessor(exporter, schedule_delay_millis=500)
+        # a deep queue: a burst of requests must not drop spans while the exporter thread catches up
+        export.BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
         if batch
         else export.SimpleSpanProcessor(exporter)
     )
