@@ -12,7 +12,8 @@ import pytest
 from meshkit import Service, discovery, messaging
 from meshkit.client import AsgiTransport
 from meshkit.errors import ConfigurationError
-from meshkit.messaging import Message
+from meshkit.messaging import Message, SubscriptionOptions
+from meshkit.resilience import Exponential, Retry
 from meshkit.runtime import RunContext
 from meshkit.testing import eventually
 from meshkit.tracing import current_headers
@@ -157,3 +158,62 @@ async def test_a_request_runs_in_the_trace_context_its_traceparent_carries() -> 
     assert sent[0]["status"] == 200
     assert "0af7651916cd43dd8448eb211c80319c" in seen[0].get("traceparent", "")
     assert "0af7651916cd43dd8448eb211c80319c" not in seen[1].get("traceparent", "")
+
+
+@pytest.mark.anyio
+async def test_a_service_serves_prometheus_metrics_of_requests_messages_breakers_and_dead_letters(
+    tmp_path: Path,
+) -> None:
+    service = Service("stock")
+    restocked: list[str] = []
+    service.client("pricing")  # a downstream: its breaker state is a gauge
+
+    @service.http.get("/stock/{sku}")
+    async def stock(sku: str) -> dict[str, int]:
+        return {"quantity": 1}
+
+    @service.subscribe("restock", options=SubscriptionOptions(retry=Retry(attempts=2, backoff=Exponential(0.01))))
+    async def restock(message: Message) -> None:
+        if message.data == "bad":
+            raise ValueError("cannot restock")
+        restocked.append(message.data)
+
+    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
+        transport = AsgiTransport({"stock": service.asgi})
+        await service.start(RunContext(broker, registry, transport, data_dir=tmp_path))
+        await service.register("127.0.0.1", 8000)
+        for path in ("/stock/a", "/stock/b", "/nope"):
+            sent: list[MutableMapping[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: MutableMapping[str, Any], sent: list[MutableMapping[str, Any]] = sent) -> None:
+                sent.append(message)
+
+            scope: dict[str, Any] = {
+                "type": "http",
+                "method": "GET",
+                "path": path,
+                "headers": [],
+                "query_string": b"",
+                "http_version": "1.1",
+            }
+            await service.asgi(scope, receive, send)
+        await broker.publish("restock", "good")
+        await broker.publish("restock", "bad")
+
+        async def settled() -> bool:
+            return restocked == ["good"] and len(await broker.dead_letters("restock").list(10)) == 1
+
+        await eventually(settled, "the good message handled, the bad one in the dead letter topic")
+        text = (await service.metrics_text()).decode()
+        await service.stop()
+        await transport.aclose()
+    assert 'meshkit_http_requests_total{method="GET",route="/stock/{sku}",service="stock",status="200"} 2.0' in text
+    assert 'meshkit_http_requests_total{method="GET",route="unmatched",service="stock",status="404"} 1.0' in text
+    assert 'meshkit_messages_handled_total{group="stock",outcome="ok",service="stock",topic="restock"} 1.0' in text
+    assert 'meshkit_messages_handled_total{group="stock",outcome="error",service="stock",topic="restock"} 2.0' in text
+    assert 'meshkit_dead_letters{group="stock",service="stock",topic="restock"} 1.0' in text
+    assert 'meshkit_client_breaker_state{downstream="pricing",service="stock"} 0.0' in text
+    assert "meshkit_http_request_duration_seconds_bucket" in text

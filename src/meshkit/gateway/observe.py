@@ -16,99 +16,58 @@ append, not a logging round trip.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import IO, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from meshkit._core.metrics import MetricSet
 from meshkit._core.optional import require
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest
 from meshkit.gateway.server import Observer
 
 __all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
 class Metrics(Observer):
-    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix).
-
-    The request path only adds to plain integers and a bucket list (no locks, no label look-ups: this runs once
-    per request at tens of thousands a second); prometheus_client turns them into metric families at scrape time,
-    through a custom collector, and renders the exposition format."""
+    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix). Recording is
+    a dictionary update per request (see :mod:`meshkit._core.metrics`)."""
 
     def __init__(self) -> None:
-        prom = require("prometheus_client", "gateway")
-        self._core = require("prometheus_client.core", "gateway")
-        self.registry = prom.CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-        self._generate = prom.generate_latest
-        self._requests: dict[tuple[str, str, int], int] = {}
-        self._histograms: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf count, sum]
-        self._errors: dict[tuple[str, str, str], int] = {}
-        self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
-
-    def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
-        key = (route, upstream, status)
-        requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
-        histogram = self._histograms.get(route)
-        if histogram is None:
-            histogram = self._histograms[route] = [0.0] * (len(_BUCKETS) + 2)
-        histogram[bisect.bisect_left(_BUCKETS, elapsed)] += 1
-        histogram[-1] += elapsed
-
-    def upstream_error(self, route: str, upstream: str, kind: str) -> None:
-        key = (route, upstream, kind)
-        self._errors[key] = self._errors.get(key, 0) + 1
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        core = self._core
-        requests = core.CounterMetricFamily(
-            "meshkit_gateway_requests", "Requests answered", labels=["route", "upstream", "status"]
+        self.set = MetricSet("gateway")
+        self._requests = self.set.counter(
+            "meshkit_gateway_requests", "Requests answered", ("route", "upstream", "status")
         )
-        for (route, upstream, status), count in sorted(self._requests.items()):
-            requests.add_metric([route, upstream, str(status)], count)
-        yield requests
-        duration = core.HistogramMetricFamily(
+        self._duration = self.set.histogram(
             "meshkit_gateway_request_duration_seconds",
             "Seconds from the request head to the last byte of the answer",
-            labels=["route"],
+            ("route",),
         )
-        for route, counts in sorted(self._histograms.items()):
-            cumulative, buckets = 0.0, []
-            for bound, observed in zip((*_BUCKETS, math.inf), counts, strict=False):
-                cumulative += observed
-                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
-            duration.add_metric([route], buckets, counts[-1])
-        yield duration
-        errors = core.CounterMetricFamily(
+        self._errors = self.set.counter(
             "meshkit_gateway_upstream_errors",
             "Upstream attempts that failed without an answer",
-            labels=["route", "upstream", "kind"],
+            ("route", "upstream", "kind"),
         )
-        for (route, upstream, kind), count in sorted(self._errors.items()):
-            errors.add_metric([route, upstream, kind], count)
-        yield errors
-        breakers = core.GaugeMetricFamily(
-            "meshkit_gateway_breaker_state", "0 closed, 1 half-open, 2 open", labels=["route"]
+        self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
+        self.set.gauge(
+            "meshkit_gateway_breaker_state",
+            "0 closed, 1 half-open, 2 open",
+            ("route",),
+            lambda: [((route,), float(state)) for route, state in self.breaker_states()],
         )
-        for route, state in self.breaker_states():
-            breakers.add_metric([route], state)
-        yield breakers
+
+    def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
+        self._requests.inc((route, upstream, str(status)))
+        self._duration.observe((route,), elapsed)
+
+    def upstream_error(self, route: str, upstream: str, kind: str) -> None:
+        self._errors.inc((route, upstream, kind))
 
     def render(self) -> bytes:
-        data: bytes = self._generate(self.registry)
-        return data
+        return self.set.render()
 
 
 class AccessLogOptions(BaseModel):

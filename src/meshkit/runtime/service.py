@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from meshkit._core.optional import require
 from meshkit.client import ClientOptions, Response, ServiceClient, Transport
 from meshkit.discovery import Instance, Lease, Registry
-from meshkit.errors import ConfigurationError
+from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
+from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, ServiceMetrics
 from meshkit.tracing import extracted
 from meshkit.tracing.spans import current_links, span, status_code_error
 
@@ -157,6 +159,7 @@ class Service:
         self._running: list[Subscription] = []
         self._lease: Lease | None = None
         self._stopping = False
+        self._metrics: ServiceMetrics | None = None
         self.asgi: ASGIApp = self._serve
 
     # -- declaring -------------------------------------------------------------------------------------------------
@@ -282,8 +285,13 @@ class Service:
         try:
             for hook in self._on_start:
                 await hook()
+            self._metrics = _metrics_for(self.name)
+            if self._metrics is not None:
+                self._metrics.breakers = self._breaker_states
             for sub in self._subscriptions:
                 handler = sub.handler if ctx.tracer is None else _traced_handler(ctx.tracer, sub)
+                if self._metrics is not None:
+                    handler = _measured_handler(self._metrics, sub, handler)
                 self._running.append(
                     await ctx.broker.subscribe(sub.topic, handler, group=sub.group, options=sub.options)
                 )
@@ -355,14 +363,60 @@ class Service:
                 report[name] = "ok"
         return all(v == "ok" for v in report.values()), report
 
+    def _breaker_states(self) -> list[tuple[str, Any]]:
+        out = []
+        for name, downstream in self._downstreams.items():
+            client = downstream._client
+            if client is not None and client.breaker is not None:
+                out.append((name, client.breaker.state))
+        return out
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this service's metrics (dead letters counted now)."""
+        metrics = self._metrics
+        if metrics is None:
+            return b""
+        if self._ctx is not None:
+            for sub in self._subscriptions:
+                try:
+                    dead = await self._ctx.broker.dead_letters(sub.topic).list(DLQ_COUNT_LIMIT)
+                except Exception:  # a broker that cannot list them now: the gauge keeps its last value
+                    log.debug("cannot count the dead letters of %s", sub.topic, exc_info=True)
+                    continue
+                metrics.dead_letters[(sub.topic, sub.group)] = sum(
+                    1 for m in dead if m.headers.get("dlqgroup") in (None, sub.group)
+                )
+        return metrics.render()
+
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz"):
+        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz", "/metrics"):
             if scope["path"] == "/healthz":
                 await _json(send, 200, {"status": "ok", "service": self.name})
+            elif scope["path"] == "/metrics":
+                await _text(send, 200, await self.metrics_text(), b"text/plain; version=0.0.4; charset=utf-8")
             else:
                 ready, report = await self.readiness_report()
                 await _json(send, 200 if ready else 503, {"ready": ready, "service": self.name, "checks": report})
             return
+        metrics = self._metrics
+        if metrics is None or scope["type"] != "http":
+            await self._dispatch(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self._dispatch(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.request(scope.get("method", "GET"), route, status[0], time.perf_counter() - started)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = self._http
         if app is None:
             app = self.http  # creates the FastAPI app: a service with no routes still answers 404s properly
@@ -421,6 +475,38 @@ def _traced_handler(tracer: Any, sub: _Subscription) -> MessageHandler:
             await handler(message)
 
     return traced
+
+
+def _metrics_for(service: str) -> ServiceMetrics | None:
+    """The service's metrics (None when prometheus_client is not installed: /metrics then answers empty)."""
+    try:
+        return ServiceMetrics(service)
+    except MissingDependency:
+        return None
+
+
+def _measured_handler(metrics: ServiceMetrics, sub: _Subscription, handler: MessageHandler) -> MessageHandler:
+    async def measured(message: Message) -> None:
+        started = time.perf_counter()
+        ok = False
+        try:
+            await handler(message)
+            ok = True
+        finally:
+            metrics.message(sub.topic, sub.group, ok, time.perf_counter() - started)
+
+    return measured
+
+
+async def _text(send: Send, status: int, payload: bytes, content_type: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _json(send: Send, status: int, body: object) -> None:
