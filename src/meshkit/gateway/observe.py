@@ -32,6 +32,7 @@ from meshkit.gateway.server import Observer
 
 __all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
+
 class Metrics(Observer):
     """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix). Recording is
     a dictionary update per request (see :mod:`meshkit._core.metrics`)."""
