@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from meshkit.errors import ConfigurationError
-from meshkit.gateway.access import Cors, IpFilter, RequestSize, RequestSizeOptions, parse_size
+from meshkit.gateway.access import Cors, IpFilter, RequestSize, RequestSizeOptions
+from meshkit.gateway.config import parse_size
 from meshkit.gateway.forwarded import NetworkSet, TrustedProxies, forwarded_for_value, parse_address, parse_network
 from meshkit.gateway.plugin import Headers, Plugin, ProxyRequest, Reply, ResponseHead
 

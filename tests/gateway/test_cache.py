@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from meshkit.errors import ConfigurationError, Unavailable
-from meshkit.gateway.cache import STALE_MARGIN, ResponseCache, parse_duration
+from meshkit.gateway.cache import STALE_MARGIN, ResponseCache
+from meshkit.gateway.config import parse_seconds as parse_duration
 from meshkit.gateway.plugin import Headers, PluginContext, ProxyRequest, Reply, ResponseHead
 from meshkit.testing import FakeClock, eventually
 from tests.redis_keys import fresh_prefix

@@ -41,7 +41,7 @@ routes:
 """
     assert (
         error_of(text)
-        == "gw.yaml:7: routes[0].timeout: 'soon' is not a duration (use seconds, or a number with ms, s, m or h)"
+        == "gw.yaml:7: routes[0].timeout: 'soon' is not a duration (use seconds, or a number with ms, s, m, h or d)"
     )
     assert error_of("listen: {port: 8080, colour: red}\n") == "gw.yaml:1: listen.colour: unknown key"
     message = error_of("routes:\n  - name: a\n    path: /a\n")

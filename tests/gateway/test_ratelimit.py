@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from meshkit.errors import ConfigurationError
+from meshkit.gateway.config import parse_seconds as parse_duration
 from meshkit.gateway.plugin import Headers, PluginContext, ProxyRequest, Reply, RequestResult, ResponseHead
-from meshkit.gateway.ratelimit import RateLimit, RateLimitOptions, parse_duration
+from meshkit.gateway.ratelimit import RateLimit, RateLimitOptions
 from meshkit.testing import eventually
 from tests.redis_keys import fresh_prefix
 

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from meshkit.gateway.config import parse_size
 from meshkit.gateway.forwarded import NetworkSet, parse_network
 from meshkit.gateway.plugin import Headers, Plugin, PluginContext, ProxyRequest, Reply, RequestResult, ResponseHead
 
@@ -39,7 +40,6 @@ __all__ = [
     "IpFilterOptions",
     "RequestSize",
     "RequestSizeOptions",
-    "parse_size",
 ]
 
 _VERDICT_CACHE = 10_000  # client address / origin -> verdict, bounded (the oldest entry goes first)
@@ -325,39 +325,6 @@ class Cors(Plugin):
 
 
 # -- request_size ------------------------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "k": 1024,
-    "m": 1024**2,
-    "g": 1024**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_size(value: object) -> int:
-    """Bytes from a number or a string: ``"1024"``, ``"10KB"`` (1000s), ``"512KiB"`` / ``"512K"`` (1024s), ``"1MB"``,
-    ``"1MiB"``, ``"1GB"``...; units are case-insensitive and always bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")  # noqa: TRY004 - pydantic turns ValueError into its error
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        match = _SIZE.fullmatch(value.strip())
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ValueError(f"not a size: {value!r} (use bytes or a string such as 512KiB, 1MB, 10MiB)")
 
 
 class RequestSizeOptions(BaseModel):

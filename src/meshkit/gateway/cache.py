@@ -51,7 +51,6 @@ import calendar
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 from collections import OrderedDict
@@ -65,9 +64,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from meshkit._core.optional import require
 from meshkit._core.urls import redact
 from meshkit.errors import ConfigurationError, Unavailable
+from meshkit.gateway.config import parse_seconds
 from meshkit.gateway.plugin import Headers, Plugin, PluginContext, ProxyRequest, Reply, ResponseHead
 
-__all__ = ["CACHEABLE_STATUSES", "ResponseCache", "parse_duration"]
+__all__ = ["CACHEABLE_STATUSES", "ResponseCache"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ CACHEABLE_STATUSES = frozenset({200, 203, 204, 301, 404, 410})
 #: seconds a Redis entry outlives its freshness (so a replica reading it just at expiry still gets it whole)
 STALE_MARGIN = 5.0
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _ETAG = re.compile(r'\s*(W/)?("[^"]*")')
 # hop-by-hop and per-response fields a stored entry does not keep (the gateway frames the replayed body itself)
 _NOT_STORED = frozenset(
@@ -101,20 +99,6 @@ _FOR_304 = frozenset({"cache-control", "content-location", "date", "etag", "expi
 # request fields the lookup reads, gathered in one pass over the headers
 _LOOKUP_FIELDS = frozenset({"host", "cache-control", "authorization", "range", "if-none-match", "if-modified-since"})
 _NUL_COUNT = 4  # separators in a primary key
-
-
-def parse_duration(value: float | int | str) -> float:
-    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or ``"250ms"``."""
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.fullmatch(value)
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration (write 30, 30s, 5m, 1h, 1d or 250ms)")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration: it must be finite and not negative")
-    return seconds
 
 
 def _directives(value: str | None) -> dict[str, str | None]:
@@ -527,7 +511,7 @@ class ResponseCache(Plugin):
         def _ttl(cls, value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise ValueError("ttl must be a number of seconds or a duration such as 30s or 5m")  # noqa: TRY004
-            return parse_duration(value)
+            return parse_seconds(value)
 
         @field_validator("methods")
         @classmethod

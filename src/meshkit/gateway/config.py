@@ -19,6 +19,7 @@ it); docs/gateway.md is the reference.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,34 +51,70 @@ __all__ = [
     "RouteConfig",
     "load_config",
     "parse_config",
+    "parse_seconds",
+    "parse_size",
     "to_bytes",
     "to_seconds",
 ]
 
-_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*")
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*", re.IGNORECASE)
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZES = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+_SIZES = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_seconds(value: object) -> float:
+    """Seconds from a number or a string: ``30``, ``"2.5"``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"1h"``, ``"1d"``.
+    The one duration syntax of the gateway's YAML (routes, limits and every plugin's options)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")  # noqa: TRY004 - pydantic turns ValueError into its error
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)) is not None:
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (use seconds, or a number with ms, s, m, h or d)")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration: it must be finite and not negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from a number or a string: ``1024``, ``"10KB"`` (1000s), ``"512KiB"`` / ``"512K"`` (1024s), ``"1MB"``,
+    ``"1MiB"``, ``"1GB"``...; units are case-insensitive. The one size syntax of the gateway's YAML."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")  # noqa: TRY004 - pydantic turns ValueError into its error
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and (m := _SIZE.fullmatch(value)) is not None and m.group(2).lower() in _SIZES:
+        return int(float(m.group(1)) * _SIZES[m.group(2).lower()])
+    raise ValueError(f"{value!r} is not a size (use bytes, or a number with KB, KiB, MB, MiB, GB, GiB)")
 
 
 def to_seconds(value: object) -> object:
-    """``10``, ``2.5``, ``"250ms"``, ``"10s"``, ``"5m"``, ``"1h"`` as seconds (other values pass to pydantic)."""
-    if isinstance(value, str):
-        m = _DURATION.fullmatch(value)
-        if m is None:
-            raise ValueError(f"{value!r} is not a duration (use seconds, or a number with ms, s, m or h)")
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    return value
+    """For pydantic: strings become seconds (:func:`parse_seconds`); other values are pydantic's to check."""
+    return parse_seconds(value) if isinstance(value, str) else value
 
 
 def to_bytes(value: object) -> object:
-    """``1024``, ``"512KiB"``, ``"1MB"`` as bytes (other values pass to pydantic)."""
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if m is None:
-            raise ValueError(f"{value!r} is not a size (use bytes, or a number with KB, KiB, MB, MiB, GB, GiB)")
-        return int(float(m.group(1)) * _SIZES[(m.group(2) or "b").lower()])
-    return value
+    """For pydantic: strings become bytes (:func:`parse_size`); other values are pydantic's to check."""
+    return parse_size(value) if isinstance(value, str) else value
 
 
 Duration = Annotated[float, BeforeValidator(to_seconds), Field(gt=0)]

@@ -57,13 +57,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from meshkit._core.optional import require
 from meshkit._core.urls import redact, redis_url
 from meshkit.errors import ConfigurationError
+from meshkit.gateway.config import parse_seconds
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest, Reply, RequestResult, ResponseHead
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from redis.commands.core import AsyncScript
 
-__all__ = ["RateLimit", "RateLimitOptions", "parse_duration"]
+__all__ = ["RateLimit", "RateLimitOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +78,7 @@ _MAX_PART = 128  # key parts longer than this (or containing the separator) are 
 _IP_CACHE = 4096  # IPv6 client -> its key part, bounded
 _EPS = 1e-9  # float slack: 0.1 s at 10/s is one token, not 0.9999999999999999
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _HEADER_PART = re.compile(r"header:([!#$%&'*+.^_`|~0-9A-Za-z-]+)")
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as ``"1.5"``, ``"500ms"``, ``"1s"``, ``"1m"``, ``"1h"``, ``"1d"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")  # noqa: TRY004 - pydantic turns ValueError into its error
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use seconds or a string such as 500ms, 1s, 1m, 1h)")
 
 
 class RateLimitOptions(BaseModel):
@@ -117,7 +103,7 @@ class RateLimitOptions(BaseModel):
     @field_validator("window", mode="before")
     @classmethod
     def _window(cls, value: object) -> float:
-        return parse_duration(value)
+        return parse_seconds(value)
 
     @field_validator("key")
     @classmethod

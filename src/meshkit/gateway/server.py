@@ -1116,9 +1116,7 @@ class _Exchange:
         assert route.upstream is not None
         self.client.server.observer.upstream_error(route.name, route.upstream.name, "reset")
         if self.responded:
-            self._finish_upstream(None)
-            self.client.close()  # we cannot finish a response whose head is out: the client sees it truncated
-            self._done(self.status)
+            self._cut_short()
             return
         # nothing of the response arrived: retry if repeating the request is harmless
         idempotent = self.req.method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
@@ -1131,9 +1129,7 @@ class _Exchange:
         assert route.upstream is not None
         self.client.server.observer.upstream_error(route.name, route.upstream.name, "protocol")
         if self.responded:
-            self._finish_upstream(None)
-            self.client.close()
-            self._done(self.status)
+            self._cut_short()
             return
         self._finish_upstream(None)
         self.reply(Reply.error(502, message, upstream=route.upstream.name))
@@ -1146,12 +1142,17 @@ class _Exchange:
         self.client.server.observer.upstream_error(route.name, route.upstream.name, "timeout")
         self.abandon_upstream()
         if self.responded:
-            self._finish_upstream(None)
-            self.client.close()
-            self._done(self.status)
+            self._cut_short()
             return
         self._finish_upstream(None)
         self.reply(Reply.error(504, f"the upstream {route.upstream.name!r} did not answer within {route.timeout:g}s"))
+
+    def _cut_short(self) -> None:
+        """The upstream failed after the response head went out: a response cannot be finished, so the client's
+        connection is closed (it sees the response truncated, not a wrong one)."""
+        self._finish_upstream(None)
+        self.client.close()
+        self._done(self.status)
 
     def _attempt_failed(self, *, retry_safe: bool) -> None:
         route = self.route

@@ -16,7 +16,7 @@ from meshkit import discovery, messaging
 from meshkit.client import AsgiTransport
 from meshkit.dashboard import LogBuffer, ServiceInfo
 from meshkit.runner.edge import front_gateway
-from meshkit.runner.observe import breaker_rows, system_dashboard, system_tracing
+from meshkit.runner.observe import breaker_rows, edge_rows, system_dashboard, system_tracing
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runner.system import System
 from meshkit.runtime import RunContext
@@ -76,13 +76,7 @@ async def run_monolith(
                         rows = [
                             (s.service.name, s.service.instance.id if s.service.instance else "", s.url) for s in served
                         ]
-                        if gateway is not None:
-                            rows.append(("gateway", "", f"http://{host}:{gateway.port}"))
-                        if tracing.collector_url is not None:
-                            rows.append(("traces", "", f"{tracing.collector_url}/api/traces"))
-                        if dashboard is not None:
-                            rows.append(("dashboard", "", dashboard))
-                        on_ready(rows)
+                        on_ready(rows + edge_rows(host, gateway, tracing, dashboard))
                     await stop.wait()
             finally:
                 await bring_down(served)

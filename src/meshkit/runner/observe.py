@@ -20,7 +20,7 @@ from meshkit.discovery import Registry
 from meshkit.messaging import Broker
 from meshkit.runner.system import System
 
-__all__ = ["Tracing", "breaker_rows", "system_dashboard", "system_tracing"]
+__all__ = ["Tracing", "breaker_rows", "edge_rows", "system_dashboard", "system_tracing"]
 
 log = logging.getLogger(__name__)
 
@@ -140,4 +140,16 @@ def breaker_rows(gateway: Any) -> Callable[[], Awaitable[list[dict[str, Any]]]] 
             )
         return out
 
+    return rows
+
+
+def edge_rows(host: str, gateway: Any, tracing: Tracing, dashboard: str | None) -> list[tuple[str, str, str]]:
+    """The ready table's rows after the services: the gateway, the collector's query API, the dashboard."""
+    rows = []
+    if gateway is not None:
+        rows.append(("gateway", "", f"http://{host}:{gateway.port}"))
+    if tracing.collector_url is not None:
+        rows.append(("traces", "", f"{tracing.collector_url}/api/traces"))
+    if dashboard is not None:
+        rows.append(("dashboard", "", dashboard))
     return rows

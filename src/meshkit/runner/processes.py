@@ -31,7 +31,7 @@ from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.resilience import Exponential
 from meshkit.runner.edge import front_gateway
 from meshkit.runner.monolith import Ready
-from meshkit.runner.observe import Tracing, breaker_rows, system_dashboard, system_tracing
+from meshkit.runner.observe import Tracing, breaker_rows, edge_rows, system_dashboard, system_tracing
 from meshkit.runner.serve import bind
 from meshkit.runner.system import System
 
@@ -238,13 +238,7 @@ class Supervisor:
                 ):
                     if on_ready is not None:
                         rows = [(c.service, c.label, f"http://{self.host}:{c.port}") for c in self.children]
-                        if gateway is not None:
-                            rows.append(("gateway", "", f"http://{self.host}:{gateway.port}"))
-                        if tracing.collector_url is not None:
-                            rows.append(("traces", "", f"{tracing.collector_url}/api/traces"))
-                        if dashboard is not None:
-                            rows.append(("dashboard", "", dashboard))
-                        on_ready(rows)
+                        on_ready(rows + edge_rows(self.host, gateway, tracing, dashboard))
                     await stop.wait()
             else:
                 waiting.cancel()
