@@ -54,7 +54,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -64,7 +64,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, f
 
 from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.gateway.config import to_seconds
-from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest, Reply, RequestResult
+from meshkit.gateway.plugin import Headers, Plugin, PluginContext, ProxyRequest, Reply, RequestResult
 
 try:
     import jwt
@@ -112,6 +112,7 @@ _MAX_JWKS_BYTES = 1 << 20
 #: headers whose client-sent copies are always removed (identity the gateway sets)
 _CONSUMER_ID = "x-consumer-id"
 _CONSUMER_SCOPES = "x-consumer-scopes"
+_IDENTITY = (_CONSUMER_ID, _CONSUMER_SCOPES)
 #: headers a plugin may never set: they frame the message or route it
 _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive"}
@@ -146,6 +147,25 @@ def _scope_list(values: list[str], what: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- JWT
+
+
+def _credential(headers: Headers, name: str, identity: Collection[str]) -> tuple[str | None, int]:
+    """The first value of the credential header ``name`` and how many there are, in one pass; the ``identity``
+    headers a client sent are removed on the way (they are the gateway's to set, never the client's)."""
+    value: str | None = None
+    count = 0
+    spoofed = False
+    for key, item in headers.items():
+        if key == name:
+            count += 1
+            if value is None:
+                value = item
+        elif key in identity:
+            spoofed = True
+    if spoofed:
+        for strip in identity:
+            headers.remove(strip)
+    return value, count
 
 
 class JwtOptions(BaseModel):
@@ -708,19 +728,7 @@ class JwtAuth(Plugin):
     def request(self, req: ProxyRequest) -> RequestResult:
         headers = req.headers
         name = self._header
-        value: str | None = None
-        count = 0
-        spoofed = False
-        for field_name, item in headers.items():
-            if field_name == name:
-                count += 1
-                if value is None:
-                    value = item
-            elif field_name in self._strip:
-                spoofed = True
-        if spoofed:  # identity headers are the gateway's to set, never the client's
-            for strip in self._strip:
-                headers.remove(strip)
+        value, count = _credential(headers, name, self._strip)
         if value is None:
             return self._reject(req, 401, "a bearer token is required", self._challenge)
         if count > 1:
@@ -1009,19 +1017,7 @@ class ApiKeyAuth(Plugin):
     def request(self, req: ProxyRequest) -> RequestResult:
         headers = req.headers
         name = self._header
-        value: str | None = None
-        count = 0
-        spoofed = False
-        for key, item in headers.items():
-            if key == name:
-                count += 1
-                if value is None:
-                    value = item
-            elif key in (_CONSUMER_ID, _CONSUMER_SCOPES):
-                spoofed = True
-        if spoofed:
-            headers.remove(_CONSUMER_ID)
-            headers.remove(_CONSUMER_SCOPES)
+        value, count = _credential(headers, name, _IDENTITY)
         presented: bytes | None = None
         if value is not None:
             # header values are ISO-8859-1 decoded: encoding back gives the bytes the client sent
