@@ -59,6 +59,13 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             return isinstance(data, dict) and len(data.get("traces", [])) >= 2
 
         wait_until(traced, "both checkouts in the trace store", 60, every=0.3)
+        # the failed deliveries' log records carry the broken checkout's trace id
+        _, failed = call("GET", f"{dashboard}/api/traces?status=error&limit=1")
+        assert isinstance(failed, dict) and failed["traces"], failed
+        trace_id = failed["traces"][0]["trace_id"]
+        _, logged = call("GET", f"{dashboard}/api/logs?trace_id={trace_id}")
+        assert isinstance(logged, dict) and logged["records"], logged
+        assert all(r["trace_id"] == trace_id for r in logged["records"])
 
         async with async_playwright() as p:
             browser = await p.chromium.launch(

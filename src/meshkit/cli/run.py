@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from meshkit.errors import ConfigurationError
 from meshkit.runner import Ready, Supervisor, dev_token, gateway_config, load_system, run_monolith
+from meshkit.tracing.spans import console_logging
 
 
 def _replicas(values: list[str]) -> dict[str, int]:
@@ -75,5 +77,9 @@ def run(
         else:
             await Supervisor(system, replicas=counts, host=host, out=sys.stdout).run(stop, on_ready=ready)
 
-    asyncio.run(main())
+    handler = console_logging(system.settings.log.level)  # as the children of processes mode print theirs
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger().removeHandler(handler)
     console.print("stopped.", style="dim")

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "Subscription", "SubscriptionOptions"]
 
+_UNTRACED = contextlib.nullcontext()  # reusable: it holds no state
+
 log = logging.getLogger("meshkit.messaging")
 
 _MAX_FETCH_BACKOFF = 2.0  # seconds between fetch attempts while the broker is unreachable
@@ -245,18 +247,16 @@ class Subscription:
                 except MessageDecodeError as exc:
                     await self._dead_letter(delivery, f"undecodable: {exc}")
                     continue
-                try:
-                    if "traceparent" in message.headers:
-                        with extracted(message.headers):
-                            await handler(message)
-                    else:
+                # the handler, and the log lines of its failure, run in the trace the message carries
+                with extracted(message.headers) if "traceparent" in message.headers else _UNTRACED:
+                    try:
                         await handler(message)
-                except asyncio.CancelledError:
-                    await asyncio.shield(self._channel.release([delivery]))
-                    raise
-                except Exception as exc:
-                    await self._failed(delivery, exc)
-                    continue
+                    except asyncio.CancelledError:
+                        await asyncio.shield(self._channel.release([delivery]))
+                        raise
+                    except Exception as exc:
+                        await self._failed(delivery, exc)
+                        continue
                 acks = self._acks
                 acks.append(delivery)
                 if len(acks) == 1:  # the first since the flusher took a batch: wake it (later ones find it awake)

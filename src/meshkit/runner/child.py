@@ -22,6 +22,7 @@ from meshkit.runner.observe import system_tracing
 from meshkit.runner.serve import bind, bring_down, bring_up
 from meshkit.runner.system import load_system
 from meshkit.runtime import RunContext
+from meshkit.tracing.spans import console_logging
 
 log = logging.getLogger("meshkit.runner")
 
@@ -80,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--replica", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("MESHKIT_LOG__LEVEL", "INFO").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    console_logging(os.environ.get("MESHKIT_LOG__LEVEL", "INFO"))
     try:
         asyncio.run(run_child(args.folder, args.service, args.host, args.port, args.replica))
     except MeshkitError as exc:

@@ -20,6 +20,7 @@ from meshkit.runner.observe import breaker_rows, edge_rows, system_dashboard, sy
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runner.system import System
 from meshkit.runtime import RunContext
+from meshkit.tracing.spans import TraceLogFilter
 
 __all__ = ["Ready", "run_monolith"]
 
@@ -34,6 +35,7 @@ async def run_monolith(
     services = [system.load(name) for name in system.services]
     logs = LogBuffer()
     handler = logs.handler()
+    handler.addFilter(TraceLogFilter())  # records carry their trace: the dashboard's logs filter by it
     logging.getLogger().addHandler(handler)  # the dashboard's Logs page: every service runs in this process
     transport = AsgiTransport({s.name: s.asgi for s in services})
     served: list[Served] = []

@@ -29,6 +29,8 @@ from meshkit._core.optional import require
 __all__ = [
     "ErrorKeepingProcessor",
     "TraceLogFilter",
+    "TracedFormatter",
+    "console_logging",
     "current_links",
     "provider",
     "span",
@@ -210,3 +212,28 @@ class TraceLogFilter(logging.Filter):
         record.trace_id = trace_id
         record.span_id = span_id
         return True
+
+
+class TracedFormatter(logging.Formatter):
+    """``LEVEL logger: message``, plus `` trace_id=...`` for a record made inside a trace (with
+    :class:`TraceLogFilter` on the handler): the format ``meshkit run`` prints and its dashboard reads."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        trace_id = getattr(record, "trace_id", "")
+        return f"{text} trace_id={trace_id}" if trace_id else text
+
+
+def console_logging(level: str = "INFO") -> logging.Handler:
+    """Log to stderr as ``meshkit run`` does (:class:`TracedFormatter`), at ``level``, on the root logger. For
+    programs (the runner, its children), not libraries. Returns the handler (remove it to undo)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(TraceLogFilter())
+    handler.setFormatter(TracedFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
