@@ -203,6 +203,7 @@ class Server:
         self.date = b""
         self._tick()
         self._timer: asyncio.TimerHandle | None = None
+        self._next_second = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -238,7 +239,8 @@ class Server:
         now = self.now = loop.time()
         for exchange in [e for e in self.exchanges if e.deadline and now > e.deadline]:
             exchange.timed_out()
-        if int(now * 10) % 10 == 0:
+        if now >= self._next_second:  # (a late timer skips no second's work: it runs on the next sweep)
+            self._next_second = now + 1.0
             self._tick()
             limits = self.limits
             for conn in [c for c in self.connections if c.expired(now, limits)]:
