@@ -12,7 +12,6 @@ limit + access log. Then the latency the gateway adds at half of its own maximum
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
@@ -252,7 +251,6 @@ def main() -> None:
     else:
         for r in rows:
             print(f"{r.name:<90} {r.rps:>10,.0f} rps  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  err {r.errors}")
-    _ = os.environ
 
 
 if __name__ == "__main__":
