@@ -500,13 +500,19 @@ class _KafkaChannel(GroupChannel):
         assert self._start_ms is not None
         part.min_timestamp = self._start_ms
         try:
+            # the end first, then the time: a record published between the two is found by the time lookup, one
+            # published after them sits at or after ``end``. (seek_to_end resolves lazily, at the next fetch: a
+            # record published before that was skipped, and a "latest" group missed its first message.)
+            end = (await consumer.end_offsets([tp])).get(tp)
             found = (await consumer.offsets_for_times({tp: self._start_ms})).get(tp)
         except self._backend._errors.KafkaError:
-            found = None
-        if found is None:
-            await consumer.seek_to_end(tp)
-        else:
+            end, found = None, None
+        if found is not None:
             consumer.seek(tp, found.offset)
+        elif end is not None:
+            consumer.seek(tp, end)
+        else:
+            await consumer.seek_to_end(tp)
 
     async def on_revoked(self, revoked: Any) -> None:
         mine = {tp.partition for tp in revoked} & set(self._parts)
