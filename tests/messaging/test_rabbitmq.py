@@ -308,6 +308,24 @@ async def _restart(url: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_publish_whose_confirm_never_comes_is_unavailable_not_a_hang(vhost: str) -> None:
+    """A channel lost with confirms outstanding may never resolve them: the publish gives up after
+    ``publish_timeout`` with Unavailable (found as a hang of the restart test below)."""
+    async with connect(url_for(vhost, publish_timeout="0.5")) as broker:
+        await broker.publish("confirm.lost", {"n": 0})  # connected, confirms work
+        backend: Any = broker._backend
+        channel = await backend._publisher.get_underlay_channel()
+
+        async def never_confirmed(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.Event().wait()  # the confirm that never arrives
+
+        channel.basic_publish = never_confirmed
+        async with asyncio.timeout(60):  # a hang fails here; the publish must give up after 0.5 s
+            with pytest.raises(Unavailable, match=r"did not confirm a publish to 'confirm\.lost' within 0\.5 s"):
+                await broker.publish("confirm.lost", {"n": 1})
+
+
+@pytest.mark.anyio
 async def test_zz_broker_restarted_twice_loses_no_acknowledged_publish(vhost: str) -> None:
     """10,000 messages published and consumed while the shared server's RabbitMQ app is restarted twice.
 

@@ -372,9 +372,17 @@ class RabbitMQBackend(Backend):
                     raise errors[0]
 
         try:
-            await (one(*items[0]) if len(items) == 1 else windows())
+            # confirms are bounded too: a channel lost while they were outstanding may never resolve them (seen
+            # once in a restart test: a publish waited forever), and a caller must hear "unavailable", not hang
+            async with asyncio.timeout(o.publish_timeout):
+                await (one(*items[0]) if len(items) == 1 else windows())
         except MeshkitError:
             raise
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"RabbitMQ at {self._safe_url} did not confirm a publish to {topics} within {o.publish_timeout:g} s",
+                hint="the message may or may not be stored: retrying may publish it twice",
+            ) from exc
         except Exception as exc:
             raise Unavailable(
                 f"RabbitMQ at {self._safe_url} did not confirm a publish to {topics}: {type(exc).__name__}: {exc}",
