@@ -24,6 +24,7 @@ from typing import Literal
 from aiohttp import web
 
 from meshkit.discovery import Instance, Registry
+from tests.local_http import LocalServer
 
 Mode = Literal["ok", "fail", "drop", "hang"]
 
@@ -37,7 +38,7 @@ class Seen:
     body: bytes
 
 
-class Backend:
+class Backend(LocalServer):
     """One real HTTP server (see the module docstring). Use ``async with`` or :meth:`start` / :meth:`close`."""
 
     def __init__(self, name: str, mode: Mode = "ok", *, status: int = 503) -> None:
@@ -46,12 +47,10 @@ class Backend:
         self.status = status
         self.hits = 0
         self.seen: list[Seen] = []
-        self.port = 0
         self._release = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
-        self._started = False
+        super().__init__(app)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -80,27 +79,8 @@ class Backend:
     def instance(self, service: str, **kwargs: object) -> Instance:
         return Instance(service, self.name, "127.0.0.1", self.port, **kwargs)  # type: ignore[arg-type]
 
-    async def start(self) -> Backend:
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        self._started = True
-        return self
-
-    async def close(self) -> None:
-        """Stop the server: it stops listening (new connections are refused) and closes its connections."""
+    def stopping(self) -> None:
         self._release.set()
-        if self._started:
-            self._started = False
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> Backend:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 @contextlib.asynccontextmanager

@@ -24,7 +24,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import time
 import zlib
 from collections.abc import Callable
@@ -39,6 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from tests.local_http import LocalServer
 
 __all__ = [
     "AUDIENCE",
@@ -437,7 +438,7 @@ class _Drop:
 _DROP: Any = _Drop()
 
 
-class JwksServer:
+class JwksServer(LocalServer):
     """A real JWKS endpoint on a free loopback port (``url``), in the test's event loop.
 
     ``document`` is what it serves (change it to rotate keys); ``status`` other than 200 makes it fail;
@@ -448,12 +449,10 @@ class JwksServer:
         self.document = document
         self.status = 200
         self.hits = 0
-        self.port = 0
         self._gate: asyncio.Event | None = None
         app = web.Application()
         app.router.add_get("/jwks.json", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
-        self._started = False
+        super().__init__(app)
 
     @property
     def url(self) -> str:
@@ -476,24 +475,5 @@ class JwksServer:
             return web.json_response({"error": "unavailable"}, status=self.status)
         return web.json_response(self.document)
 
-    async def start(self) -> JwksServer:
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        self._started = True
-        return self
-
-    async def close(self) -> None:
-        """Stop serving: new connections are refused from now on."""
+    def stopping(self) -> None:
         self.release()
-        if self._started:
-            self._started = False
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> JwksServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -17,11 +17,12 @@ from meshkit import Service, discovery, messaging
 from meshkit.client import AsgiTransport, ServiceClient
 from meshkit.runtime import RunContext
 from meshkit.tracing.spans import provider
+from tests.local_http import LocalServer
 
 pytestmark = pytest.mark.anyio
 
 
-class Receiver:
+class Receiver(LocalServer):
     """An OTLP/HTTP traces endpoint: stores (service, span name, trace id) of what it receives."""
 
     def __init__(self) -> None:
@@ -29,8 +30,7 @@ class Receiver:
         self.content_types: set[str] = set()
         app = web.Application()
         app.router.add_post("/v1/traces", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        self.port = 0
+        super().__init__(app)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.content_types.add(request.content_type)
@@ -45,17 +45,10 @@ class Receiver:
             body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
         )
 
-    async def start(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{self.port}/v1/traces"
-
 
 async def test_a_service_exports_its_spans_to_any_otlp_endpoint(tmp_path: Path) -> None:
-    receiver = Receiver()
-    endpoint = await receiver.start()
+    receiver = await Receiver().start()
+    endpoint = f"http://127.0.0.1:{receiver.port}/v1/traces"
     tracing = provider("inventory", endpoint=endpoint)
     service = Service("inventory")
 
@@ -78,6 +71,6 @@ async def test_a_service_exports_its_spans_to_any_otlp_endpoint(tmp_path: Path) 
                 await asyncio.sleep(0.05)
     finally:
         await asyncio.to_thread(tracing.shutdown)
-        await receiver.runner.cleanup()
+        await receiver.close()
     assert ("inventory", "GET /stock/{sku}", receiver.spans[0][2]) in receiver.spans
     assert receiver.content_types == {"application/x-protobuf"}
