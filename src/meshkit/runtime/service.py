@@ -434,7 +434,11 @@ class Service:
 
 async def _traced_request(tracer: Any, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
     """Serve one request inside a server span, a child of the caller's ``traceparent``."""
-    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+    carrier = {  # only the trace headers: extraction reads nothing else
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in scope.get("headers", ())
+        if k in (b"traceparent", b"tracestate")
+    }
     method = scope.get("method", "GET")
     attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
     status = [500]
