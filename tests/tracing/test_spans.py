@@ -1,5 +1,6 @@
 """Spans of a request through two services: server, client, server, producer, consumer; one trace, every parent
-present, the consumer linked to its publish span; error traces kept whatever the sampling ratio."""
+present, the consumer linked to its publish span, baggage carried to every hop; error traces kept whatever the
+sampling ratio."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from meshkit import Service, discovery, messaging
@@ -26,9 +27,11 @@ async def test_a_call_and_a_message_make_one_complete_trace(tmp_path: Path) -> N
     orders, payments, email = Service("orders"), Service("payments"), Service("email")
     to_payments = orders.client("payments")
     handled: list[str] = []
+    tenants: dict[str, object] = {}
 
     @payments.http.post("/charges/{who}", status_code=201)
     async def charge(who: str) -> dict[str, str]:
+        tenants["payments"] = baggage.get_baggage("tenant")
         return {"charged": who}
 
     @orders.http.post("/orders")
@@ -39,6 +42,7 @@ async def test_a_call_and_a_message_make_one_complete_trace(tmp_path: Path) -> N
 
     @email.subscribe("order.created")
     async def send_mail(message: Message) -> None:
+        tenants["email"] = baggage.get_baggage("tenant")
         handled.append(message.data["id"])
 
     async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
@@ -50,9 +54,11 @@ async def test_a_call_and_a_message_make_one_complete_trace(tmp_path: Path) -> N
         await payments.register("127.0.0.1", 8001)
         async with ServiceClient("orders", registry, transport=transport) as caller:
             await orders.register("127.0.0.1", 8002)
-            response = await caller.post("/orders")
+            response = await caller.post("/orders", headers={"baggage": "tenant=acme,plan=pro"})
         assert response.status == 200
         await eventually(lambda: handled == ["o1"], "email handled order.created")
+        # W3C baggage set by the first caller reaches the next service and the consumer of the message
+        assert tenants == {"payments": "acme", "email": "acme"}
         for service in services:
             await service.stop()
         await transport.aclose()

@@ -17,6 +17,7 @@ from meshkit.errors import ConfigurationError, MeshkitError
 from meshkit.gateway.config import BffCall, BffRoute
 from meshkit.gateway.plugin import ProxyRequest, Reply
 from meshkit.gateway.router import PathMatcher
+from meshkit.tracing import TRACE_HEADERS
 
 __all__ = ["Aggregation", "CustomHandler"]
 
@@ -96,9 +97,7 @@ class Aggregation:
         except LookupError as exc:
             return _Failed(f"the call's path needs {{{exc.args[0]}}}, which is not there")
         headers = {h: v for h in call.forward_headers if (v := req.headers.get(h)) is not None}
-        trace = req.headers.get("traceparent")
-        if trace is not None:
-            headers["traceparent"] = trace
+        headers.update((h, v) for h in TRACE_HEADERS if (v := req.headers.get(h)) is not None)
         try:
             response = await self.clients[name].request(call.method, path, headers=headers, timeout=self.spec.timeout)
         except MeshkitError as exc:

@@ -29,6 +29,7 @@ from meshkit._core.metrics import MetricSet
 from meshkit._core.optional import require
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest
 from meshkit.gateway.server import Observer
+from meshkit.tracing import TRACE_HEADERS
 
 __all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
@@ -160,7 +161,7 @@ class GatewaySpans:
         self._error = self._trace.StatusCode.ERROR
 
     def start(self, req: ProxyRequest) -> Any:
-        carrier = {k: v for k, v in req.headers.items() if k in ("traceparent", "tracestate")}
+        carrier = {k: v for k, v in req.headers.items() if k in TRACE_HEADERS}
         context = self._propagate.extract(carrier) if carrier else None
         return self.tracer.start_span(
             f"{req.method} {req.route}" if req.route else req.method,

@@ -36,7 +36,7 @@ from meshkit.discovery import Instance, Lease, Registry
 from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
 from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, ServiceMetrics
-from meshkit.tracing import extracted
+from meshkit.tracing import TRACE_HEADERS, extracted
 from meshkit.tracing.spans import current_links, span, status_code_error
 
 if TYPE_CHECKING:
@@ -432,12 +432,15 @@ class Service:
             await app(scope, receive, send)
 
 
+_TRACE_KEYS = frozenset(k.encode() for k in TRACE_HEADERS)
+
+
 async def _traced_request(tracer: Any, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
     """Serve one request inside a server span, a child of the caller's ``traceparent``."""
     carrier = {  # only the trace headers: extraction reads nothing else
         k.decode("latin-1"): v.decode("latin-1")
         for k, v in scope.get("headers", ())
-        if k in (b"traceparent", b"tracestate")
+        if k in _TRACE_KEYS
     }
     method = scope.get("method", "GET")
     attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}

@@ -1,4 +1,5 @@
-"""Trace context: W3C ``traceparent`` / ``tracestate`` carried across messages (and, later, every hop).
+"""Trace context: W3C ``traceparent`` / ``tracestate`` and ``baggage`` carried across every hop: service calls,
+requests, messages and the gateway.
 
 This is the first piece of meshkit's tracing layer: propagation. ``inject`` writes the current context into a
 message's headers; ``extracted`` runs code (a handler) inside the context a message carried. With the

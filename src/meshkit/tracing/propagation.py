@@ -11,7 +11,7 @@ from types import ModuleType
 
 __all__ = ["TRACE_HEADERS", "current_headers", "extracted", "inject"]
 
-TRACE_HEADERS = ("traceparent", "tracestate")
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
 _carried: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "meshkit_trace_headers", default=None
@@ -39,7 +39,8 @@ def current_headers() -> dict[str, str]:
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
-    """Add the current ``traceparent`` / ``tracestate`` to ``headers`` (a publisher's explicit ones win)."""
+    """Add the current ``traceparent`` / ``tracestate`` / ``baggage`` to ``headers`` (a publisher's explicit ones
+    win)."""
     for key, value in current_headers().items():
         headers.setdefault(key, value)
 
