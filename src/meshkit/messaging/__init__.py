@@ -9,7 +9,8 @@
 Members of one group compete for messages (a work queue); every group gets every message (fan-out). Delivery is
 at least once: a message is acked after its handler returns, delivered again with backoff when the handler
 raises, and moved to ``<topic>.dlq`` after ``Retry.attempts`` deliveries. Messages of one key are handled in
-publish order. docs/messaging.md has the details and the wire format.
+publish order. ``await broker.lag(topic, group)`` says how far a group is behind. docs/messaging.md has the details
+and the wire format.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 from meshkit.errors import ConfigurationError
 from meshkit.messaging._consumer import Handler, Subscription, SubscriptionOptions
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
+from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, GroupNotFound, Lag, StartFrom
 from meshkit.messaging.broker import Broker, DeadLetters, Outgoing
 from meshkit.messaging.message import Envelope, JsonCodec, Message
 
@@ -32,8 +33,10 @@ __all__ = [
     "Delivery",
     "Envelope",
     "GroupChannel",
+    "GroupNotFound",
     "Handler",
     "JsonCodec",
+    "Lag",
     "Message",
     "Outgoing",
     "StartFrom",

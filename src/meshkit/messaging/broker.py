@@ -14,7 +14,7 @@ from typing import Any
 from meshkit._core.ids import new_ids
 from meshkit.errors import ConfigurationError, MessageDecodeError, MessageTooLarge
 from meshkit.messaging._consumer import Handler, Subscription, SubscriptionOptions
-from meshkit.messaging.base import Backend, Capabilities, Delivery
+from meshkit.messaging.base import Backend, Capabilities, Delivery, Lag
 from meshkit.messaging.message import (
     NO_EXTENSIONS,
     Envelope,
@@ -206,6 +206,18 @@ class Broker:
         if key is not None:
             headers = {k: v for k, v in headers.items() if k != "partitionkey"}
         return make_message(delivery.topic, data, e, stamp, key, headers, delivery.attempt, delivery.offset)
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        """How far consumer ``group`` is behind on ``topic``: messages ``waiting`` for a member, ``in_flight`` (held by
+        a member, not acked yet) and their ``total``; a part the broker cannot tell is ``None`` (docs/messaging.md,
+        "Lag", says which backend knows what).
+
+        Raises :class:`~meshkit.messaging.GroupNotFound` (a ``LookupError``) if the group (or the topic) does not
+        exist, and :class:`~meshkit.errors.Unavailable` if the broker cannot be reached. Reading it changes nothing.
+        """
+        if self._closed:
+            raise ConfigurationError("this broker is closed", hint="ask before aclose(), or open a new broker")
+        return await self._backend.lag(topic, group)
 
     @property
     def closed(self) -> bool:

@@ -66,7 +66,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 from meshkit._core.optional import require
 from meshkit.errors import ConfigurationError, MessageTooLarge, Unavailable
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom, make_delivery
+from meshkit.messaging.base import (
+    Backend,
+    Capabilities,
+    Delivery,
+    GroupChannel,
+    GroupNotFound,
+    Lag,
+    StartFrom,
+    make_delivery,
+)
 from meshkit.messaging.message import Envelope, decode_structured, make_envelope
 
 __all__ = ["KafkaBackend", "from_url"]
@@ -192,6 +201,8 @@ class KafkaBackend(Backend):
         self.options = options
         self._producer: Any = None
         self._admin: Any = None
+        self._offsets: Any = None  # a consumer outside any group, for offset lookups (lag); started on first use
+        self._offsets_lock = asyncio.Lock()  # one lookup at a time: it assigns the partitions it looks at
         self._start_lock = asyncio.Lock()
         self._topics: dict[str, int] = {}  # Kafka topic -> partition count, for topics known to exist
         self._next_partition: dict[str, int] = {}  # Kafka topic -> where the next batch of unkeyed records goes
@@ -366,6 +377,116 @@ class KafkaBackend(Backend):
         self._channels.add(channel)
         return channel
 
+    # -- lag -----------------------------------------------------------------------------------------------------
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        """Per partition, the end offset minus where the group stands: its committed offset, or the oldest record
+        kept where it has not committed (a meshkit member starts there: ``auto_offset_reset`` is ``earliest``).
+
+        Kafka knows commits only, not what members hold, so only ``total`` is known. A Kafka group is not per topic:
+        it "exists" on a topic once it has committed there or while a member subscribes to the topic.
+        """
+        name = self.name(topic)
+        group_id = self.options.prefix + group
+        await self._started()
+        errors = self._errors
+        tp_type = self._aiokafka.TopicPartition
+        try:
+            async with asyncio.timeout(self.options.request_timeout_ms / 1000):
+                partitions = await self._partition_count(name)
+                if partitions is None:
+                    raise GroupNotFound(topic, group, detail=f"there is no Kafka topic {name!r}")
+                tps = [tp_type(name, p) for p in range(partitions)]
+                offsets = await self._admin.list_consumer_group_offsets(group_id, partitions=tps)
+                # meshkit never commits 0 (a commit follows a handled record) and Tansu 0.6 answers 0 for "none"
+                committed = {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset > 0}
+                if not committed and not await self._subscribed(group_id, name):
+                    raise GroupNotFound(topic, group, detail="no member and no committed offset")
+                starts, ends = await self._log_bounds(tps)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"Kafka at {self._url} did not tell the offsets of {name!r} within {self.options.request_timeout_ms} ms"
+            ) from exc
+        except (errors.KafkaError, OSError) as exc:
+            raise self._unavailable(f"did not tell the lag of group {group_id!r} on {name!r}", exc) from exc
+        total = 0
+        for tp in tps:
+            start = starts.get(tp, 0)
+            at = max(committed.get(tp.partition, start), start)  # a commit older than the log resumes at its start
+            total += max(ends.get(tp, at) - at, 0)
+        return Lag(waiting=None, in_flight=None, total=total)
+
+    async def _partition_count(self, name: str) -> int | None:
+        """The topic's partition count, or None if it does not exist (looked up in every topic's metadata: asking
+        for one topic by name creates it on a cluster with ``auto.create.topics.enable``)."""
+        known = self._topics.get(name)
+        if known is not None:
+            return known
+        for described in await self._admin.describe_topics():
+            if described["topic"] == name and not described["error_code"]:
+                return len(described["partitions"])
+        return None
+
+    async def _subscribed(self, group_id: str, name: str) -> bool:
+        """Whether a member of the group subscribes to the topic now (a member whose subscription does not decode,
+        as with Tansu, which keeps none, counts)."""
+        protocol = require("aiokafka.coordinator.protocol", "kafka")
+        for response in await self._admin.describe_consumer_groups([group_id]):
+            for described in response.to_object()["groups"]:
+                if described["group"] != group_id or described["error_code"]:
+                    continue
+                for member in described["members"]:
+                    try:
+                        topics = protocol.ConsumerProtocolMemberMetadata.decode(member["member_metadata"]).subscription
+                    except Exception:  # empty or another protocol's: this member may well be ours
+                        return True
+                    if name in topics:
+                        return True
+        return False
+
+    async def _log_bounds(self, tps: list[Any]) -> tuple[dict[Any, int], dict[Any, int]]:
+        """The oldest offset kept and the end offset (the high watermark: one past the last record) of each partition.
+
+        The end comes from a fetch, not from ListOffsets alone: Tansu 0.6 answers ListOffsets(latest) with the
+        first offset of the last record batch + 1. The lookup consumer reads from that offset (on Apache Kafka it is
+        the end: the fetch finds nothing and returns at once) and takes the high watermark the fetch answers with.
+        """
+        consumer = await self._offset_lookups()
+        async with self._offsets_lock:
+            starts = await consumer.beginning_offsets(tps)
+            near_end = await consumer.end_offsets(tps)
+            consumer.assign(tps)  # a fresh assignment: no high watermark known yet
+            try:
+                for tp in tps:
+                    consumer.seek(tp, near_end[tp])
+                while True:
+                    ends = {tp: consumer.highwater(tp) for tp in tps}
+                    if all(end is not None for end in ends.values()):
+                        return starts, ends
+                    await consumer.getmany(*tps, timeout_ms=20)  # records read on the way are dropped
+            finally:
+                consumer.unsubscribe()
+
+    async def _offset_lookups(self) -> Any:
+        if self._offsets is not None:
+            return self._offsets
+        async with self._start_lock:
+            if self._closed:
+                raise ConfigurationError("this Kafka backend is closed")
+            if self._offsets is None:
+                consumer = self._aiokafka.AIOKafkaConsumer(
+                    enable_auto_commit=False, fetch_max_wait_ms=10, max_partition_fetch_bytes=65_536, **self._common()
+                )
+                try:
+                    async with asyncio.timeout(self.options.connect_timeout):
+                        await consumer.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await _stop_consumer(consumer)
+                    raise
+                self._offsets = consumer
+        return self._offsets
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -377,6 +498,8 @@ class KafkaBackend(Backend):
                 await self._producer.stop()
             if self._admin is not None:
                 await self._admin.close()
+            if self._offsets is not None:
+                await _stop_consumer(self._offsets)
 
     async def delete_topics(self) -> int:
         """Delete every Kafka topic under this backend's ``prefix`` (tests and tooling); returns how many."""

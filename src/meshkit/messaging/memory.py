@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshkit._core.clock import Clock, MonotonicClock
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
+from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, GroupNotFound, Lag, StartFrom
 from meshkit.messaging.message import Envelope
 
 __all__ = ["MemoryBackend", "from_url"]
@@ -110,6 +110,14 @@ class MemoryBackend(Backend):
                 cursor = t.base + bisect.bisect_left(t.times, stamp)
             state = t.groups[group] = _Group(cursor=cursor)
         return _MemoryChannel(self, t, topic, group, state)
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        t = self._topics.get(topic)
+        g = t.groups.get(group) if t is not None else None
+        if t is None or g is None:
+            raise GroupNotFound(topic, group)
+        # past the cursor: never handed out; pending: handed back (nacked, released, behind a held key)
+        return Lag(waiting=t.end - g.cursor + len(g.pending), in_flight=len(g.inflight))
 
     async def aclose(self) -> None:
         self._closed = True

@@ -71,7 +71,7 @@ from urllib.parse import quote, unquote, urlsplit
 from meshkit._core.optional import require
 from meshkit._core.urls import Parser, redact, url_options
 from meshkit.errors import ConfigurationError, MessageDecodeError, MessageTooLarge, MessagingError, Unavailable
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
+from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, GroupNotFound, Lag, StartFrom
 from meshkit.messaging.message import Envelope, decode_structured
 
 if TYPE_CHECKING:
@@ -473,6 +473,21 @@ class NatsBackend(Backend):
             raise Unavailable(f"cannot join group {group!r} on {topic!r} at {self.url}: {exc!r}") from exc
         self._channels.add(channel)
         return channel
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        """The group's durable consumer info: ``num_pending`` (matching messages not yet delivered) is ``waiting``,
+        ``num_ack_pending`` (delivered, not acked) is ``in_flight``. JetStream counts a message given back with a
+        NAK as ack-pending until it is delivered again, so those are in flight here, not waiting."""
+        self.subject(topic)  # checks the name
+        js = await self._connect()
+        nats = self._nats
+        try:
+            info = await js.consumer_info(self.stream, self.consumer_name(topic, group))
+        except nats.js.errors.NotFoundError as exc:
+            raise GroupNotFound(topic, group) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"cannot read group {group!r} on {topic!r} at {self.url}: {exc!r}") from exc
+        return Lag(waiting=info.num_pending or 0, in_flight=info.num_ack_pending or 0)
 
     def _start(self, start: StartFrom) -> dict[str, Any]:
         policy = self._nats.js.api.DeliverPolicy

@@ -70,7 +70,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from meshkit._core.optional import require
 from meshkit._core.urls import Parser, redact, url_options
 from meshkit.errors import ConfigurationError, MeshkitError, Unavailable
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom
+from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, GroupNotFound, Lag, StartFrom
 from meshkit.messaging.broker import _ADMIN_GROUP  # the group broker.DeadLetters reads
 from meshkit.messaging.message import Envelope, decode_structured
 
@@ -424,6 +424,32 @@ class RabbitMQBackend(Backend):
         except Exception as exc:
             raise self._error(f"cannot join group {group!r} on {topic!r}", exc) from exc
         return member
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        """A passive ``queue.declare`` of the group's queue: its ``message_count`` is the messages ready (not
+        delivered to a member). AMQP does not tell how many a member holds unacked (the management plugin's HTTP
+        API does), so ``in_flight`` and ``total`` are None."""
+        self._check_name("topic", topic)
+        self._check_name("group", group)
+        name = self.queue_name(topic, group)
+        connection = await self._connect()
+        not_found = require("aiormq", "rabbitmq").exceptions.ChannelNotFoundEntity
+        timeout = self.options.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+        except not_found as exc:  # the server closed the channel: 404 NOT_FOUND
+            raise GroupNotFound(topic, group, detail=f"no queue {name!r}") from exc
+        except TimeoutError as exc:
+            raise Unavailable(f"RabbitMQ at {self._safe_url} did not answer within {timeout:g} s") from exc
+        except Exception as exc:
+            raise self._error(f"cannot read the queue of group {group!r} on {topic!r}", exc) from exc
+        return Lag(waiting=queue.declaration_result.message_count or 0, in_flight=None)
 
     async def _drain_unrouted(self, connection: AbstractRobustConnection) -> None:
         """Route again what was published while no group took it: the groups joined since get it now.

@@ -79,7 +79,16 @@ from urllib.parse import urlunsplit
 from meshkit._core.optional import require
 from meshkit._core.urls import flag, redact, redis_url, url_options
 from meshkit.errors import ConfigurationError, MeshkitError, MessageDecodeError, Unavailable
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom, make_delivery
+from meshkit.messaging.base import (
+    Backend,
+    Capabilities,
+    Delivery,
+    GroupChannel,
+    GroupNotFound,
+    Lag,
+    StartFrom,
+    make_delivery,
+)
 from meshkit.messaging.message import Envelope, decode_structured, make_envelope
 
 if TYPE_CHECKING:
@@ -602,6 +611,39 @@ class RedisBackend(Backend):
 
         await self._call(f"joining group {group!r} of {topic!r}", create)
         return _RedisChannel(self, topic, group, stream)
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        """``XINFO GROUPS`` and ``XPENDING`` in one ``MULTI`` (one snapshot).
+
+        The group's ``lag`` (Redis 7: entries not yet read by the group; nil on Redis 6.2, or when Redis cannot
+        count it) plus what the pseudo-consumer ``meshkit.pool`` holds in the PEL (handed back for a redelivery,
+        or waiting for its key) is ``waiting``; the rest of the PEL (entries members hold) is ``in_flight``.
+        """
+        stream = self._stream(topic)
+        exceptions = require("redis.exceptions", "redis")
+
+        async def read(client: aioredis.Redis) -> tuple[Any, Any]:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, group)
+                groups, pending = await pipe.execute(raise_on_error=False)
+            return groups, pending
+
+        groups, pending = await self._call(f"reading the lag of group {group!r} of {topic!r}", read)
+        name = group.encode()
+        if isinstance(groups, exceptions.ResponseError):  # no such key: no stream, so no group
+            raise GroupNotFound(topic, group, detail="no stream") from groups
+        info = next((g for g in groups if g.get("name") in (name, group)), None)
+        if info is None or isinstance(pending, exceptions.ResponseError):  # NOGROUP
+            raise GroupNotFound(topic, group)
+        if isinstance(pending, BaseException):  # pragma: no cover - anything else is the driver's error
+            raise Unavailable(f"Redis at {redact(self.url)} failed reading the lag of {topic!r}: {pending}")
+        pool = sum(int(c["pending"]) for c in pending["consumers"] if c["name"] in (POOL.encode(), POOL))
+        behind = info.get("lag")
+        return Lag(
+            waiting=None if behind is None else int(behind) + pool,
+            in_flight=int(pending["pending"]) - pool,
+        )
 
     async def aclose(self) -> None:
         if self._closed:

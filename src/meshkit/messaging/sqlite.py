@@ -45,7 +45,16 @@ from urllib.parse import urlsplit
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._core.sqlite import open_database, write_transaction
 from meshkit.errors import ConfigurationError
-from meshkit.messaging.base import Backend, Capabilities, Delivery, GroupChannel, StartFrom, make_delivery
+from meshkit.messaging.base import (
+    Backend,
+    Capabilities,
+    Delivery,
+    GroupChannel,
+    GroupNotFound,
+    Lag,
+    StartFrom,
+    make_delivery,
+)
 from meshkit.messaging.message import NO_EXTENSIONS, Envelope, make_envelope
 
 __all__ = ["SqliteBackend", "from_url"]
@@ -137,6 +146,20 @@ WHERE d.topic = :topic AND d.grp = :grp AND d.key IS NOT NULL AND d.seq > :curso
 _TAKEN_KEYED = """
 SELECT seq FROM deliveries INDEXED BY deliveries_by_key
 WHERE topic = :topic AND grp = :grp AND key IS NOT NULL AND seq > :cursor AND seq <= :last
+"""
+# a group's lag, in one read (one snapshot): log rows past its cursor, then the rows it holds in deliveries and in
+# spans, split by whether a member's lease on them still runs (an expired lease is waiting: the next scan puts it
+# back in the pool)
+_LAG = """
+SELECT
+  (SELECT COUNT(*) FROM messages m WHERE m.topic = g.topic AND m.seq > g.cursor),
+  (SELECT COUNT(*) FROM deliveries d WHERE d.topic = g.topic AND d.grp = g.grp AND (d.leased = 0 OR d.due <= :now)),
+  (SELECT COUNT(*) FROM deliveries d WHERE d.topic = g.topic AND d.grp = g.grp AND d.leased = 1 AND d.due > :now),
+  (SELECT COALESCE(SUM(s.size - json_array_length(s.done)), 0) FROM spans s
+   WHERE s.topic = g.topic AND s.grp = g.grp AND s.due <= :now),
+  (SELECT COALESCE(SUM(s.size - json_array_length(s.done)), 0) FROM spans s
+   WHERE s.topic = g.topic AND s.grp = g.grp AND s.due > :now)
+FROM groups g WHERE g.topic = :topic AND g.grp = :grp
 """
 _SELECT_SEQS = (
     "SELECT seq, id, source, type, time, datacontenttype, subject, extensions, data FROM messages"
@@ -343,6 +366,19 @@ class SqliteBackend(Backend):
             raise ConfigurationError(f"unknown start {start!r}")
         cursor = row[0] if row and row[0] is not None else 0
         db.execute("INSERT OR IGNORE INTO groups (topic, grp, cursor) VALUES (?, ?, ?)", (topic, group, cursor))
+
+    async def lag(self, topic: str, group: str) -> Lag:
+        now = time.time()  # leases are wall time (other processes read them)
+
+        def read(db: sqlite3.Connection) -> tuple[int, int, int, int, int] | None:
+            row = db.execute(_LAG, {"topic": topic, "grp": group, "now": now}).fetchone()
+            return None if row is None else tuple(row)
+
+        counts = await self._run(read)
+        if counts is None:
+            raise GroupNotFound(topic, group)
+        new, pooled, leased, span_expired, span_leased = counts
+        return Lag(waiting=new + pooled + span_expired, in_flight=leased + span_leased)
 
     async def aclose(self) -> None:
         if self._closed:
