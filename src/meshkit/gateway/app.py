@@ -40,6 +40,7 @@ from meshkit.gateway.config import (
     load_config,
     validate_options,
 )
+from meshkit.gateway.http2 import alpn_protocols, negotiating
 from meshkit.gateway.observe import AccessLog, GatewaySpans, Metrics
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest, Reply
 from meshkit.gateway.router import PathMatcher, Router
@@ -169,7 +170,7 @@ class Gateway:
         self.server.start()
         self._servers.append(
             await loop.create_server(
-                self.server,
+                negotiating(self.server) if tls else self.server,  # HTTP/2 when ALPN chose it
                 config.listen.host,
                 config.listen.port,
                 ssl=tls,
@@ -613,7 +614,7 @@ def _tls_context(spec: Any, folder: Path) -> ssl.SSLContext:
             context.verify_mode = ssl.CERT_REQUIRED if spec.require_client_cert else ssl.CERT_OPTIONAL
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(f"cannot load the gateway's TLS files: {exc}") from exc
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(alpn_protocols())  # ["h2", "http/1.1"]
     return context
 
 
