@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from meshkit.dashboard import DashboardApp, LogBuffer, ServiceInfo
 from meshkit.discovery import HealthStatus, Instance
 from meshkit.discovery.memory import MemoryRegistry
+from meshkit.errors import Unavailable
 from meshkit.messaging import Broker, Message, SubscriptionOptions, connect
 from meshkit.resilience import Constant, Retry
 from meshkit.testing import FakeClock, eventually
@@ -308,21 +309,52 @@ async def test_topology_edges_are_solid_calls_and_dashed_messages(
     assert edges["orders", "stock"]["kind"] == "sync" and len(edges) == 3
 
 
+@pytest.mark.anyio
+async def test_topology_over_a_window_counts_only_its_calls_and_gives_rates(store: TraceStore) -> None:
+    clock = FakeClock(wall_start=BASE / 1e9 + 1000)  # now: 1,000 s after BASE
+
+    def request(trace: int, at_ms: float, error: bool = False) -> list[SpanRecord]:
+        status = {"status_code": "error"} if error else {}
+        return [
+            span(trace, 1, None, "gateway", "GET orders", at_ms, at_ms + 10, kind="client"),
+            span(trace, 2, 1, "orders", "GET /orders", at_ms + 1, at_ms + 9, kind="server", **status),
+        ]
+
+    # one call 1,000 s ago, then three in the last 5 minutes (one failed)
+    await store.add(request(1, 0) + request(2, 800_000) + request(3, 850_000, error=True) + request(4, 900_000))
+    dashboard = DashboardApp(store, clock=clock)
+    everything = await get_json(dashboard, "/api/topology")
+    (edge,) = everything["edges"]
+    assert (edge["calls"], edge["errors"], edge["calls_per_s"]) == (4, 1, None)
+    assert everything["window_s"] is None and edge["error_rate"] == 25.0
+
+    recent = await get_json(dashboard, "/api/topology", since_s=300)
+    (edge,) = recent["edges"]
+    assert (edge["calls"], edge["errors"]) == (3, 1)
+    assert edge["calls_per_s"] == pytest.approx(3 / 300) and edge["error_rate"] == pytest.approx(100 / 3)
+    orders = next(n for n in recent["nodes"] if n["name"] == "orders")
+    assert orders["calls_in_per_s"] == pytest.approx(3 / 300) and recent["window_s"] == 300
+
+    assert (await get_json(dashboard, "/api/topology", since_s=60))["edges"] == [], "nothing in the last minute"
+    assert (await get_json(dashboard, "/api/topology", expect=400, since_s=-5))["error"] == "bad_request"
+
+
 # -- resilience ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
 async def test_resilience_shows_what_the_breaker_source_returns(store: TraceStore) -> None:
-    assert await get_json(DashboardApp(store), "/api/resilience") == {"available": False, "breakers": []}
+    empty = {"available": False, "breakers": [], "rejections": [], "errors": []}
+    assert await get_json(DashboardApp(store), "/api/resilience") == empty
 
-    async def breakers() -> list[dict[str, Any]]:
+    async def breakers() -> list[dict[str, Any]]:  # a plain list: breakers only
         return [
             {"name": "orders", "kind": "route", "state": "open", "failure_rate": 75.0, "calls": 8, "not_permitted": 3},
             {"name": "payments", "kind": "client", "state": "closed", "failure_rate": float("nan"), "calls": 0},
         ]
 
     data = await get_json(DashboardApp(store, resilience=breakers), "/api/resilience")
-    assert data["available"] is True
+    assert data["available"] is True and data["rejections"] == [] and data["errors"] == []
     assert data["breakers"][0] == {
         "name": "orders",
         "kind": "route",
@@ -332,6 +364,29 @@ async def test_resilience_shows_what_the_breaker_source_returns(store: TraceStor
         "not_permitted": 3,
     }
     assert data["breakers"][1]["failure_rate"] is None  # JSON has no NaN
+
+
+@pytest.mark.anyio
+async def test_resilience_shows_breakers_transitions_rejections_and_instances_that_did_not_report(
+    store: TraceStore,
+) -> None:
+    transition = {"time": WALL, "from": "closed", "to": "open", "failure_rate": 100.0, "slow_call_rate": 0.0}
+    breaker = {"name": "payments", "kind": "client", "service": "orders", "state": "open", "transitions": [transition]}
+    bulkhead = {"policy": "payments bulkhead", "kind": "bulkhead_full", "service": "orders", "count": 2, "last": WALL}
+    limit = {"policy": "rate_limit", "kind": "rate_limited", "service": "gateway", "route": None, "count": 5}
+    silent = {"service": "shipping", "instance": "shipping-1", "address": "127.0.0.1:9", "error": "timed out"}
+
+    async def source() -> dict[str, Any]:
+        return {"breakers": [breaker], "rejections": [bulkhead, limit], "errors": [silent]}
+
+    data = await get_json(DashboardApp(store, resilience=source), "/api/resilience")
+    assert data == {"available": True, "breakers": [breaker], "rejections": [bulkhead, limit], "errors": [silent]}
+
+    async def failing() -> dict[str, Any]:
+        raise Unavailable("the registry cannot be read")
+
+    reply = await call(DashboardApp(store, resilience=failing), "GET", "/api/resilience")
+    assert reply.status == 503 and reply.json()["error"] == "unavailable"
 
 
 # -- messaging -----------------------------------------------------------------------------------------------------

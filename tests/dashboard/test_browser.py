@@ -109,7 +109,19 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             await page.wait_for_selector("#topology .edge", state="attached")  # a straight path has no height
             assert await page.locator("#topology .edge.async").count() >= 1  # order.created, dashed
             assert await page.locator("#topology .edge.sync").count() >= 1
+            label = await page.locator('#topology .edge-label[data-source="gateway"]').first.text_content()
+            assert label is not None and re.fullmatch(r"[\d.]+/(s|min)( · .*)?", label), label  # a rate
             await page.screenshot(path=str(shots / "topology.png"), full_page=True)
+
+            # orders' clients to payments and shipping, reported by the orders service itself
+            await page.goto(f"{dashboard}/#/resilience")
+            client = '#resilience-table .breaker-row[data-kind="client"][data-service="orders"]'
+            await page.wait_for_selector(client)
+            names = sorted(await page.locator(client).evaluate_all("rows => rows.map(r => r.dataset.name)"))
+            assert names == ["payments", "shipping"], names
+            assert await page.locator(f"{client}[data-state='closed']").count() == 2
+            assert await page.locator('#rejections-table .rejection-row[data-kind="rate_limited"]').count() >= 1
+            await page.screenshot(path=str(shots / "resilience.png"), full_page=True)
 
             await page.goto(f"{dashboard}/#/messaging/order.created")
             await page.wait_for_selector("#dlq-table .dlq-row")
@@ -128,5 +140,5 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
         code = run.stop()
     assert code == 0, run.output
     assert "Traceback" not in run.output, run.output
-    for name in ("services", "traces", "trace", "topology", "dead-letters", "replayed"):
+    for name in ("services", "traces", "trace", "topology", "resilience", "dead-letters", "replayed"):
         assert (shots / f"{name}.png").stat().st_size > 5000

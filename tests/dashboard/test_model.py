@@ -84,6 +84,8 @@ def test_topology_reads_edge_kinds_from_the_sampled_spans() -> None:
         "calls": 10,
         "errors": 1,
         "sampled": True,
+        "calls_per_s": None,  # no window: counts only
+        "error_rate": 10.0,
     }
     assert edges["orders", "email", "async"]["calls"] == 4
     assert ("orders", "email", "sync") not in edges
@@ -94,8 +96,31 @@ def test_topology_reads_edge_kinds_from_the_sampled_spans() -> None:
     assert unsampled["sampled"] is False
     nodes = {n["name"]: n for n in result["nodes"]}
     assert sorted(nodes) == ["email", "gateway", "lonely", "orders", "payments", "stock"]
-    assert nodes["orders"] == {"name": "orders", "calls_in": 10, "errors_in": 1, "calls_out": 15}
-    assert nodes["lonely"]["calls_in"] == 0
+    assert nodes["orders"] == {
+        "name": "orders",
+        "calls_in": 10,
+        "errors_in": 1,
+        "calls_out": 15,
+        "calls_in_per_s": None,
+        "calls_out_per_s": None,
+        "error_rate_in": 10.0,
+    }
+    assert nodes["lonely"]["calls_in"] == 0 and nodes["lonely"]["error_rate_in"] is None
+    assert result["window_s"] is None
+
+
+def test_topology_rates_are_the_window_counts_per_second_and_error_rates_are_percentages() -> None:
+    dependencies = [Dependency("gateway", "orders", 30, 3), Dependency("orders", "payments", 6, 0)]
+    result = topology(dependencies, [], window_s=60.0)
+    edges = {(e["source"], e["target"]): e for e in result["edges"]}
+    assert edges["gateway", "orders"]["calls_per_s"] == 0.5
+    assert edges["gateway", "orders"]["error_rate"] == 10.0
+    assert (edges["orders", "payments"]["calls_per_s"], edges["orders", "payments"]["error_rate"]) == (0.1, 0.0)
+    nodes = {n["name"]: n for n in result["nodes"]}
+    assert (nodes["orders"]["calls_in_per_s"], nodes["orders"]["calls_out_per_s"]) == (0.5, 0.1)
+    assert nodes["orders"]["error_rate_in"] == 10.0
+    assert (nodes["gateway"]["calls_in_per_s"], nodes["gateway"]["error_rate_in"]) == (0.0, None)
+    assert result["window_s"] == 60.0
 
 
 def test_endpoints_are_read_from_an_openapi_document() -> None:

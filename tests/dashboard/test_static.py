@@ -38,7 +38,11 @@ IDS = [
     "flamechart",
     "span-details",
     "topology",
+    "topology-window",
     "resilience-table",
+    "transitions",
+    "rejections-table",
+    "resilience-errors",
     "messaging-table",
     "dlq-table",
     "audit-list",
@@ -50,7 +54,8 @@ IDS = [
     "log-follow",
 ]
 CLASSES = ["trace-row", "span-row", "span-bar", "toggle", "span-link", "service-row", "breaker-row", "topic-row"]
-CLASSES += ["dlq-row", "dlq-select", "replay", "discard", "log-row", "edge", "node"]
+CLASSES += ["dlq-row", "dlq-select", "replay", "discard", "log-row", "edge", "node", "edge-label", "rejection-row"]
+CLASSES += ["transition"]
 
 # The one URL allowed in the static files: the SVG namespace name in app.js, an identifier createElementNS needs
 # (never fetched; the comment above it in app.js says so).

@@ -11,12 +11,15 @@ from outside).
     await dashboard.aclose()
 
 Pages (one static page, hash routes): Services, Traces (search, waterfall, flame chart, critical path, span
-details), Topology (the service map: solid lines for calls, dashed for messages), Resilience (circuit breakers),
-Messaging (topics, consumer groups, dead letters with replay / discard), Logs (filters and live tail). The JSON API
-under ``/api/`` is documented in docs/dashboard.md, with the page's element ids.
+details), Topology (the service map: solid lines for calls, dashed for messages, with calls per second and error
+rates over a chosen window), Resilience (circuit breakers of the gateway's routes and of every service's clients,
+their recent transitions, the calls bulkheads and rate limits refused), Messaging (topics, consumer groups, dead
+letters with replay / discard), Logs (filters and live tail). The JSON API under ``/api/`` is documented in
+docs/dashboard.md, with the page's element ids.
 
 The runner composes the dashboard from what it runs: the dashboard reads the trace store, the registry, the broker,
-the breaker states and a :class:`LogBuffer`, and never imports the runner.
+a resilience source (the runner's: the gateway's policies and each service's ``/_meshkit/resilience``) and a
+:class:`LogBuffer`, and never imports the runner.
 """
 
 from __future__ import annotations

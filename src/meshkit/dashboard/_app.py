@@ -1,8 +1,8 @@
 """The dashboard as an ASGI application: a JSON API under ``/api/`` and a static one-page UI, served by the runtime.
 
-:class:`DashboardApp` reads the sources a runner hands it (the trace store, the registry, the broker, breaker
-states, the log buffer) on each request; it owns none of them and closes only its own HTTP session (for OpenAPI
-documents). docs/dashboard.md describes the API and the page.
+:class:`DashboardApp` reads the sources a runner hands it (the trace store, the registry, the broker, the
+resilience reports, the log buffer) on each request; it owns none of them and closes only its own HTTP session (for
+OpenAPI documents). docs/dashboard.md describes the API and the page.
 
 Errors are JSON ``{"error": <code>, "message": <text>}``: 400 ``bad_request`` / ``confirmation_required``,
 404 ``not_found``, 405 ``method_not_allowed``, 413 ``too_large``, 415 ``unsupported_media_type``, 503
@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 
 #: What ``services=`` gives: the runner's view of each service, by name.
 ServicesSource = Callable[[], Mapping[str, ServiceInfo]]
-#: What ``resilience=`` gives: one dict per circuit breaker (see docs/dashboard.md for the keys the page shows).
-ResilienceSource = Callable[[], Awaitable[list[dict[str, Any]]]]
+#: What ``resilience=`` gives: ``{"breakers": [...], "rejections": [...], "errors": [...]}``, one dict per circuit
+#: breaker, per policy that refuses calls (bulkhead, rate limit) and per instance that could not be read (see
+#: docs/dashboard.md for the keys the page shows); a plain list is the breakers alone.
+ResilienceSource = Callable[[], Awaitable[Mapping[str, Any] | list[dict[str, Any]]]]
 
 #: The static files of the page (``static/`` in this package) and their content types.
 ASSETS: Final = {
@@ -396,8 +398,11 @@ class DashboardApp:
         now = self.clock.now()
         if cached is not None and cached[0] > now:
             return cached[1]
-        since_ns = None if since_s is None else int((self.clock.wall() - since_s) * 1e9)
-        dependencies = await self.store.dependencies(since_ns=since_ns)
+        # a window is [now - since_s, now]: rates are its counts divided by its length
+        wall = self.clock.wall()
+        since_ns = None if since_s is None else int((wall - since_s) * 1e9)
+        until_ns = None if since_s is None else int(wall * 1e9)
+        dependencies = await self.store.dependencies(since_ns=since_ns, until_ns=until_ns)
         samples: list[list[SpanRecord]] = []
         seen: set[str] = set()
         if self._topology_sample:
@@ -407,7 +412,7 @@ class DashboardApp:
                         seen.add(summary.trace_id)
                         samples.append(await self.store.trace(summary.trace_id))
         infos = self._infos()
-        result = topology(dependencies, samples, set(infos) | set(await self.store.services()))
+        result = topology(dependencies, samples, set(infos) | set(await self.store.services()), window_s=since_s)
         for node in result["nodes"]:
             node["managed"] = node["name"] in infos
             if node["managed"] and self.registry is not None:
@@ -424,8 +429,16 @@ class DashboardApp:
 
     async def _resilience_api(self, request: Request) -> dict[str, Any]:
         if self._resilience is None:
-            return {"available": False, "breakers": []}
-        return {"available": True, "breakers": await self._resilience()}
+            return {"available": False, "breakers": [], "rejections": [], "errors": []}
+        got = await self._resilience()
+        if not isinstance(got, Mapping):
+            got = {"breakers": got}
+        return {
+            "available": True,
+            "breakers": list(got.get("breakers", ())),
+            "rejections": list(got.get("rejections", ())),
+            "errors": list(got.get("errors", ())),
+        }
 
     # -- messaging -------------------------------------------------------------------------------------------------
 

@@ -137,14 +137,20 @@ def topology(
     dependencies: Iterable[Dependency],
     samples: Iterable[Sequence[SpanRecord]] = (),
     services: Iterable[str] = (),
+    window_s: float | None = None,
 ) -> dict[str, Any]:
-    """The service map: ``{"nodes": [...], "edges": [...]}``.
+    """The service map: ``{"nodes": [...], "edges": [...], "window_s": window_s}``.
 
     ``dependencies`` (from :meth:`TraceStore.dependencies`) give each edge's exact ``calls`` and ``errors``.
     Whether an edge is a synchronous call or an asynchronous message is read from ``samples`` (recent traces): an
     edge is ``async`` when its child spans are consumer spans. An edge seen both ways in the samples becomes two
     edges whose counts are the dependency's counts split in the sampled proportion (``"estimated": true``); an edge
     the samples do not show is ``sync`` with ``"sampled": false``. ``services`` adds nodes without any edge.
+
+    Rates: when the dependencies were counted over the last ``window_s`` seconds, each edge has ``calls_per_s``
+    (its calls divided by the window) and each node ``calls_in_per_s`` / ``calls_out_per_s`` (``None`` without a
+    window); ``error_rate`` (an edge's) and ``error_rate_in`` (a node's) are the percentage of calls that failed
+    (``None`` without calls).
     """
     tallies: dict[tuple[str, str], dict[str, int]] = {}
     for spans in samples:
@@ -178,19 +184,35 @@ def topology(
     for e in edges:
         names.add(e["source"])
         names.add(e["target"])
+        e["calls_per_s"] = _per_second(e["calls"], window_s)
+        e["error_rate"] = _percent(e["errors"], e["calls"])
     nodes = []
     for name in sorted(names):
         incoming = [e for e in edges if e["target"] == name]
         outgoing = [e for e in edges if e["source"] == name]
+        calls_in = sum(e["calls"] for e in incoming)
+        errors_in = sum(e["errors"] for e in incoming)
+        calls_out = sum(e["calls"] for e in outgoing)
         nodes.append(
             {
                 "name": name,
-                "calls_in": sum(e["calls"] for e in incoming),
-                "errors_in": sum(e["errors"] for e in incoming),
-                "calls_out": sum(e["calls"] for e in outgoing),
+                "calls_in": calls_in,
+                "errors_in": errors_in,
+                "calls_out": calls_out,
+                "calls_in_per_s": _per_second(calls_in, window_s),
+                "calls_out_per_s": _per_second(calls_out, window_s),
+                "error_rate_in": _percent(errors_in, calls_in),
             }
         )
-    return {"nodes": nodes, "edges": edges}
+    return {"nodes": nodes, "edges": edges, "window_s": window_s}
+
+
+def _per_second(count: int, window_s: float | None) -> float | None:
+    return count / window_s if window_s else None
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return part * 100.0 / whole if whole else None
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from meshkit import discovery, messaging
 from meshkit.client import AsgiTransport
 from meshkit.dashboard import LogBuffer, ServiceInfo
 from meshkit.runner.edge import front_gateway
-from meshkit.runner.observe import breaker_rows, edge_rows, system_dashboard, system_tracing
+from meshkit.runner.observe import edge_rows, resilience_source, system_dashboard, system_tracing
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runner.system import System
 from meshkit.runtime import RunContext
@@ -64,13 +64,14 @@ async def run_monolith(
                 }
                 async with (
                     front_gateway(system, registry, tracing.tracer("gateway")) as gateway,
+                    resilience_source(gateway, services=services) as resilience,  # read in-process
                     system_dashboard(
                         tracing,
                         host,
                         registry=registry,
                         broker=broker,
                         services=lambda: infos,
-                        resilience=breaker_rows(gateway),
+                        resilience=resilience,
                         logs=logs,
                     ) as dashboard,
                 ):

@@ -9,18 +9,35 @@ export there instead and no collector is started. Children of processes mode lea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from meshkit._core.optional import require
 from meshkit._core.serving import bind, serve_asgi
-from meshkit.discovery import Registry
+from meshkit.client import ServiceClient
+from meshkit.discovery import Instance, Registry
 from meshkit.messaging import Broker
 from meshkit.runner.system import System
+from meshkit.runtime import Service
+from meshkit.runtime.metrics import PolicyLog, Watchable, breaker_json, client_policies, client_watches
+from meshkit.runtime.service import RESILIENCE_PATH
 
-__all__ = ["Tracing", "breaker_rows", "edge_rows", "system_dashboard", "system_tracing"]
+if TYPE_CHECKING:
+    from meshkit.gateway import Gateway
+    from meshkit.gateway.server import Route
+
+__all__ = [
+    "GatewayPolicies",
+    "Tracing",
+    "edge_rows",
+    "resilience_source",
+    "system_dashboard",
+    "system_tracing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +113,7 @@ async def system_dashboard(
     registry: Registry,
     broker: Broker | None,
     services: Callable[[], Mapping[str, Any]],
-    resilience: Callable[[], Awaitable[list[dict[str, Any]]]] | None,
+    resilience: Callable[[], Awaitable[ResilienceReport]] | None,
     logs: Any,
 ) -> AsyncIterator[str | None]:
     """Serve the dashboard (its URL; ``None`` without the built-in collector's store, which it reads traces from)
@@ -116,31 +133,171 @@ async def system_dashboard(
         await serving.aclose()
 
 
-def breaker_rows(gateway: Any) -> Callable[[], Awaitable[list[dict[str, Any]]]] | None:
-    """The dashboard's resilience source: the gateway's route breakers (``None`` without a gateway)."""
-    if gateway is None:
-        return None
+class GatewayPolicies:
+    """The gateway's resilience as dashboard rows: its route breakers, the breakers and bulkheads of its BFF
+    clients, and its ``rate_limit`` plugins' refusals (their ``stats()``, as the admin API's ``/admin/stats``).
 
-    async def rows() -> list[dict[str, Any]]:
-        out = []
-        for route in gateway.routes:
-            if route.breaker is None:
-                continue
-            m = route.breaker.metrics()
-            out.append(
-                {
-                    "name": route.name,
-                    "kind": "gateway route",
-                    "state": str(m.state),
-                    "failure_rate": m.failure_rate,
-                    "calls": m.calls,
-                    "failed": m.failed_calls,
-                    "not_permitted": m.not_permitted_calls,
-                }
-            )
+    Breaker transitions and rejection times are recorded from the moment a policy is first seen: :meth:`rows`
+    looks for new ones (a reload builds new routes) before it reads. :meth:`close` stops listening.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.log = PolicyLog()
+        self._watched: dict[int, tuple[object, Callable[[], None]]] = {}  # id(policy) -> (policy, unsubscribe)
+        self.refresh()
+
+    def _policies(self) -> list[tuple[str, Watchable]]:
+        out: list[tuple[str, Watchable]] = []
+        for route in self.gateway.routes:
+            if route.breaker is not None:
+                out.append((f"route {route.name}", route.breaker))
+            clients = _bff_clients(route)
+            if clients:
+                out.extend(client_watches(f"bff {route.name}: ", clients))
         return out
 
+    def refresh(self) -> None:
+        """Listen to the policies of the current routes, and no longer to those a reload dropped."""
+        current = {id(policy): (key, policy) for key, policy in self._policies()}
+        for pid in [pid for pid in self._watched if pid not in current]:
+            _, unsubscribe = self._watched.pop(pid)
+            unsubscribe()
+        for pid, (key, policy) in current.items():
+            if pid not in self._watched:
+                self._watched[pid] = (policy, self.log.watch(key, policy))
+        self.log.retain({key for key, _ in current.values()})
+
+    def close(self) -> None:
+        watched, self._watched = self._watched, {}
+        for _, unsubscribe in watched.values():
+            unsubscribe()
+
+    def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``(breakers, rejections)``: rows shaped as a service's ``/_meshkit/resilience`` ones, ``service``
+        ``gateway``."""
+        self.refresh()
+        breakers: list[dict[str, Any]] = []
+        rejections: list[dict[str, Any]] = []
+        for route in self.gateway.routes:
+            where = {"service": "gateway", "instance": None, "route": route.name}
+            if route.breaker is not None:
+                breakers.append(
+                    breaker_json(f"route {route.name}", route.breaker, self.log, name=route.name, kind="route", **where)
+                )
+            clients = _bff_clients(route)
+            if clients:
+                more, refused = client_policies(f"bff {route.name}: ", clients, self.log, kind="bff client", **where)
+                breakers.extend(more)
+                rejections.extend(refused)
+        return breakers, rejections + _rate_limits(self.gateway)
+
+
+def _bff_clients(route: Route) -> Mapping[str, ServiceClient] | None:
+    """The clients of a BFF route's aggregation (by call name); ``None`` for a proxied route."""
+    clients = getattr(route.handler, "clients", None)
+    return clients if isinstance(clients, Mapping) else None
+
+
+def _rate_limits(gateway: Gateway) -> list[dict[str, Any]]:
+    """A row per ``rate_limit`` plugin: requests refused (``count``) and let through (``allowed``). A plugin of
+    one route is found in its ``plugins``; a global one (``route`` None) in the request hooks every route runs."""
+    rows: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for route in gateway.routes:
+        own = {id(p) for p in route.plugins}
+        hooked = [getattr(hook, "__self__", None) for _, hook in route.request_hooks]
+        for plugin in (*route.plugins, *hooked):
+            stats = getattr(plugin, "stats", None)
+            if getattr(plugin, "name", None) != "rate_limit" or not callable(stats) or id(plugin) in seen:
+                continue
+            seen.add(id(plugin))
+            numbers = stats()
+            rows.append(
+                {
+                    "service": "gateway",
+                    "instance": None,
+                    "route": route.name if id(plugin) in own else None,
+                    "policy": "rate_limit",
+                    "kind": "rate_limited",
+                    "count": numbers.get("limited", 0),
+                    "allowed": numbers.get("allowed", 0),
+                    "last": None,
+                    "backend": numbers.get("backend"),
+                }
+            )
     return rows
+
+
+ResilienceReport = dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def resilience_source(
+    gateway: Gateway | None,
+    *,
+    services: Sequence[Service] = (),
+    registry: Registry | None = None,
+    names: Sequence[str] = (),
+    timeout: float = 2.0,
+) -> AsyncIterator[Callable[[], Awaitable[ResilienceReport]]]:
+    """The dashboard's resilience source for the duration of the block: the gateway's rows
+    (:class:`GatewayPolicies`) and every service instance's :meth:`~meshkit.runtime.Service.resilience_report`,
+    read in-process from ``services`` (monolith mode) or fetched from ``/_meshkit/resilience`` of every instance
+    the ``registry`` lists for ``names`` (processes mode: the instances are other processes), ``timeout`` seconds
+    each. An instance that does not answer is an ``errors`` row; the others still show."""
+    policies = GatewayPolicies(gateway) if gateway is not None else None
+    session: Any = None
+
+    async def fetch(instance: Instance) -> ResilienceReport:
+        async with session.get(f"http://{instance.address}{RESILIENCE_PATH}") as response:
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}")
+            report = await response.json()
+        if not isinstance(report, dict):
+            raise ValueError("the answer is not a JSON object")  # noqa: TRY004 - reported as a row, not raised
+        return report
+
+    async def remote() -> tuple[list[ResilienceReport], list[dict[str, Any]]]:
+        assert registry is not None
+        instances = [i for name in names for i in await registry.list(name, healthy_only=False)]
+        answers = await asyncio.gather(*(fetch(i) for i in instances), return_exceptions=True)
+        reports: list[ResilienceReport] = []
+        errors: list[dict[str, Any]] = []
+        for instance, answer in zip(instances, answers, strict=True):
+            if isinstance(answer, Exception):
+                text = str(answer) or type(answer).__name__
+                errors.append(
+                    {"service": instance.service, "instance": instance.id, "address": instance.address, "error": text}
+                )
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                reports.append(answer)
+        return reports, errors
+
+    async def source() -> ResilienceReport:
+        reports = [s.resilience_report() for s in services]
+        errors: list[dict[str, Any]] = []
+        if session is not None:
+            fetched, errors = await remote()
+            reports += fetched
+        breakers, rejections = policies.rows() if policies is not None else ([], [])
+        for report in sorted(reports, key=lambda r: (str(r.get("service")), str(r.get("instance")))):
+            breakers += report.get("breakers", [])
+            rejections += report.get("rejections", [])
+        return {"breakers": breakers, "rejections": rejections, "errors": errors}
+
+    try:
+        if registry is not None and names:
+            aiohttp = require("aiohttp", "service")
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        yield source
+    finally:
+        if policies is not None:
+            policies.close()
+        if session is not None:
+            await session.close()
 
 
 def edge_rows(host: str, gateway: Any, tracing: Tracing, dashboard: str | None) -> list[tuple[str, str, str]]:

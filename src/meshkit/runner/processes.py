@@ -31,7 +31,7 @@ from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.resilience import Exponential
 from meshkit.runner.edge import front_gateway
 from meshkit.runner.monolith import Ready
-from meshkit.runner.observe import Tracing, breaker_rows, edge_rows, system_dashboard, system_tracing
+from meshkit.runner.observe import Tracing, edge_rows, resilience_source, system_dashboard, system_tracing
 from meshkit.runner.serve import bind
 from meshkit.runner.system import System
 
@@ -226,13 +226,15 @@ class Supervisor:
                     discovery.connect(self.system.registry_url("processes")) as registry,
                     messaging.connect(self.system.broker_url("processes")) as broker,
                     front_gateway(self.system, registry, tracing.tracer("gateway")) as gateway,
+                    # the instances are other processes: their /_meshkit/resilience, found in the registry
+                    resilience_source(gateway, registry=registry, names=list(self.system.services)) as resilience,
                     system_dashboard(
                         tracing,
                         self.host,
                         registry=registry,
                         broker=broker,
                         services=self._service_infos(),
-                        resilience=breaker_rows(gateway),
+                        resilience=resilience,
                         logs=self.logs,
                     ) as dashboard,
                 ):

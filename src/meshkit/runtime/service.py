@@ -11,8 +11,10 @@ it with a :class:`RunContext`: the broker, the registry and the transport its cl
     ... the runner stops the HTTP server, which finishes the requests in flight ...
     await service.stop()              # subscriptions drain their handlers, on_stop hooks, clients close
 
-``service.asgi`` is the app to serve: ``/healthz`` (liveness: the process answers) and ``/readyz`` (readiness:
-started, registered, broker open, every readiness check passing) in front of the service's own app, and every
+``service.asgi`` is the app to serve: ``/healthz`` (liveness: the process answers), ``/readyz`` (readiness:
+started, registered, broker open, every readiness check passing), ``/metrics`` (Prometheus) and
+``/_meshkit/resilience`` (its clients' breakers, their recent transitions and the calls their bulkheads refused,
+as JSON: :meth:`Service.resilience_report`) in front of the service's own app, and every
 request runs inside the trace context its ``traceparent`` header carries, so the calls and messages it makes
 join the caller's trace.
 """
@@ -35,14 +37,14 @@ from meshkit.client import ClientOptions, Response, ServiceClient, Transport
 from meshkit.discovery import Instance, Lease, Registry
 from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
-from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, ServiceMetrics
+from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, PolicyLog, ServiceMetrics, client_policies, client_watches
 from meshkit.tracing import TRACE_HEADERS, extracted
 from meshkit.tracing.spans import current_links, span, status_code_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["Downstream", "RunContext", "Service"]
+__all__ = ["RESILIENCE_PATH", "Downstream", "RunContext", "Service"]
 
 log = logging.getLogger("meshkit.runtime")
 
@@ -54,6 +56,10 @@ Hook = Callable[[], Awaitable[None]]
 Check = Callable[[], Awaitable[None]]
 MessageHandler = Callable[[Message], Awaitable[None]]
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+
+#: Where every service answers :meth:`Service.resilience_report` as JSON.
+RESILIENCE_PATH = "/_meshkit/resilience"
+_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", RESILIENCE_PATH})
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class Service:
         self._lease: Lease | None = None
         self._stopping = False
         self._metrics: ServiceMetrics | None = None
+        self._policies = PolicyLog()  # its clients' breaker transitions and rejections, for resilience_report()
+        self._unwatch: list[Callable[[], None]] = []
         self.asgi: ASGIApp = self._serve
 
     # -- declaring -------------------------------------------------------------------------------------------------
@@ -282,6 +290,8 @@ class Service:
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
         for downstream in self._downstreams.values():
             downstream._bind(ctx)
+        watched = client_watches("", self._clients())
+        self._unwatch = [self._policies.watch(key, policy) for key, policy in watched]
         try:
             for hook in self._on_start:
                 await hook()
@@ -340,6 +350,9 @@ class Service:
                     await hook()
                 except Exception:
                     log.exception("an on_stop hook failed", extra={"service": self.name})
+        unwatch, self._unwatch = self._unwatch, []
+        for stop_watching in unwatch:
+            stop_watching()
         for downstream in self._downstreams.values():
             await downstream._unbind()
         self._ctx = None
@@ -362,6 +375,20 @@ class Service:
             else:
                 report[name] = "ok"
         return all(v == "ok" for v in report.values()), report
+
+    def _clients(self) -> dict[str, ServiceClient]:
+        return {name: d._client for name, d in self._downstreams.items() if d._client is not None}
+
+    def resilience_report(self) -> dict[str, Any]:
+        """What ``/_meshkit/resilience`` answers: ``service``, ``instance`` (its id once registered), ``breakers``
+        (each downstream's circuit breaker: state, failure rate, counts, recent ``transitions``) and
+        ``rejections`` (each downstream's bulkhead: calls refused, when the last was). docs/dashboard.md has the
+        keys; the dashboard shows these rows with the gateway's."""
+        instance = self.instance.id if self.instance is not None else None
+        breakers, rejections = client_policies(
+            "", self._clients(), self._policies, service=self.name, instance=instance
+        )
+        return {"service": self.name, "instance": instance, "breakers": breakers, "rejections": rejections}
 
     def _breaker_states(self) -> list[tuple[str, Any]]:
         out = []
@@ -389,11 +416,13 @@ class Service:
         return metrics.render()
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz", "/metrics"):
+        if scope["type"] == "http" and scope["path"] in _OWN_PATHS:
             if scope["path"] == "/healthz":
                 await _json(send, 200, {"status": "ok", "service": self.name})
             elif scope["path"] == "/metrics":
                 await _text(send, 200, await self.metrics_text(), b"text/plain; version=0.0.4; charset=utf-8")
+            elif scope["path"] == RESILIENCE_PATH:
+                await _json(send, 200, self.resilience_report())
             else:
                 ready, report = await self.readiness_report()
                 await _json(send, 200 if ready else 503, {"ready": ready, "service": self.name, "checks": report})

@@ -1101,9 +1101,42 @@
 
   // -- topology --------------------------------------------------------------------------------------------------
 
-  function topologyPage(view, token) {
+  // The windows the service map can count over (seconds; "" is everything the store holds, without rates).
+  const TOPOLOGY_WINDOWS = [
+    ["60", "last minute"],
+    ["300", "last 5 minutes"],
+    ["900", "last 15 minutes"],
+    ["3600", "last hour"],
+    ["", "all stored traces"],
+  ];
+
+  function fmtRate(perSecond) {
+    if (perSecond === null || perSecond === undefined) return "–";
+    if (perSecond === 0) return "0/s";
+    if (perSecond >= 10) return `${Math.round(perSecond)}/s`;
+    if (perSecond >= 0.01) return `${Number(perSecond.toPrecision(2))}/s`;
+    return `${Number((perSecond * 60).toPrecision(2))}/min`;
+  }
+
+  function fmtPercent(percent) {
+    if (percent === null || percent === undefined) return "–";
+    return percent >= 10 || percent === 0 ? `${Math.round(percent)}%` : `${Number(percent.toPrecision(2))}%`;
+  }
+
+  function topologyPage(view, token, parts, params) {
     const graph = s("svg", { id: "topology", role: "img", "aria-label": "service map" });
     const problem = h("div");
+    const chosen = params.get("window") ?? "300";
+    const windowSelect = h(
+      "select",
+      { id: "topology-window", "aria-label": "time window" },
+      TOPOLOGY_WINDOWS.map(([value, label]) => h("option", { value, selected: value === chosen }, label)),
+    );
+    windowSelect.addEventListener("change", () => {
+      history.replaceState(null, "", `#/topology${query({ window: windowSelect.value || "all" })}`);
+      load();
+    });
+    if (!TOPOLOGY_WINDOWS.some(([value]) => value === chosen)) windowSelect.value = "";
     view.append(
       h("h1", {}, "Topology"),
       h(
@@ -1111,6 +1144,7 @@
         { class: "legend" },
         h("span", { class: "legend-sync" }, "synchronous call"),
         h("span", { class: "legend-async" }, "asynchronous message"),
+        windowSelect,
         h("span", { class: "muted", id: "topology-note" }),
       ),
       problem,
@@ -1203,7 +1237,7 @@
           lx = (x1 + x2) / 2;
           ly = dip - 4;
         }
-        const failing = e.calls > 0 && e.errors / e.calls >= 0.05;
+        const failing = (e.error_rate ?? 0) >= 5;
         const cls = `edge ${e.kind}${failing ? " has-errors" : ""}`;
         const path = s("path", {
           d,
@@ -1212,17 +1246,30 @@
           "stroke-dasharray": e.kind === "async" ? "7 5" : null,
           dataset: { source: e.source, target: e.target, kind: e.kind },
         });
-        path.append(s("title", {}, `${e.source} → ${e.target} (${e.kind}): ${e.calls} calls, ${e.errors} errors${e.estimated ? " (split estimated)" : ""}`));
+        const rate = e.calls_per_s === null || e.calls_per_s === undefined ? `${e.calls}` : fmtRate(e.calls_per_s);
+        const label = `${rate}${e.errors ? ` · ${fmtPercent(e.error_rate)} err` : ""}`;
+        path.append(
+          s(
+            "title",
+            {},
+            `${e.source} → ${e.target} (${e.kind}): ${e.calls} calls (${fmtRate(e.calls_per_s)}), ${e.errors} errors (${fmtPercent(e.error_rate)})${e.estimated ? " (split estimated)" : ""}`,
+          ),
+        );
         edgeLayer.append(
           path,
-          s("text", { x: String(lx), y: String(ly), class: `edge-label${e.errors ? " error" : ""}`, "text-anchor": "middle" }, `${e.calls}${e.errors ? ` · ${e.errors} err` : ""}`),
+          s(
+            "text",
+            { x: String(lx), y: String(ly), class: `edge-label${e.errors ? " error" : ""}`, "text-anchor": "middle", dataset: { source: e.source, target: e.target } },
+            label,
+          ),
         );
       }
       const nodeLayer = s("g", { class: "nodes" });
       for (const n of data.nodes) {
         const p = pos.get(n.name);
         const health = n.instances === undefined ? "" : n.healthy === n.instances && n.instances ? " healthy" : n.healthy ? " degraded" : " down";
-        const sub = n.instances === undefined ? `${n.calls_in} calls in` : `${n.healthy}/${n.instances} up · ${n.calls_in} in`;
+        const inbound = n.calls_in_per_s === null || n.calls_in_per_s === undefined ? `${n.calls_in} in` : `${fmtRate(n.calls_in_per_s)} in`;
+        const sub = n.instances === undefined ? inbound : `${n.healthy}/${n.instances} up · ${inbound}`;
         const node = s(
           "g",
           { class: `node${health}${n.errors_in ? " has-errors" : ""}`, transform: `translate(${p.x},${p.y})`, dataset: { service: n.name } },
@@ -1231,21 +1278,29 @@
           s("text", { x: "14", y: "19", class: "node-name" }, n.name.length > 20 ? `${n.name.slice(0, 19)}…` : n.name),
           s("text", { x: "14", y: "35", class: "node-sub" }, sub),
         );
-        node.append(s("title", {}, `${n.name}: ${n.calls_in} calls in (${n.errors_in} errors), ${n.calls_out} calls out`));
+        node.append(
+          s(
+            "title",
+            {},
+            `${n.name}: ${n.calls_in} calls in (${fmtRate(n.calls_in_per_s)}, ${fmtPercent(n.error_rate_in)} errors), ${n.calls_out} calls out (${fmtRate(n.calls_out_per_s)})`,
+          ),
+        );
         node.addEventListener("click", () => {
           location.hash = `#/traces${query({ service: n.name })}`;
         });
         nodeLayer.append(node);
       }
       graph.replaceChildren(defs, edgeLayer, nodeLayer);
+      const windowName = TOPOLOGY_WINDOWS.find(([value]) => Number(value) === data.window_s)?.[1] ?? `last ${fmtSeconds(data.window_s)}`;
+      const over = data.window_s ? `rates over the ${windowName}` : "call counts of all stored traces";
       $("#topology-note").textContent = data.nodes.length
-        ? `${data.nodes.length} services, ${data.edges.length} edges (kinds read from ${data.sampled_traces} recent traces)`
-        : "No traces yet: the map is drawn from the spans services send.";
+        ? `${data.nodes.length} services, ${data.edges.length} edges; ${over} (kinds read from ${data.sampled_traces} recent traces)`
+        : "No traces in this window: the map is drawn from the spans services send.";
     }
 
     async function load() {
       try {
-        const data = await api("topology");
+        const data = await api(`topology${query({ since_s: windowSelect.value })}`);
         if (!current(token)) return;
         problem.replaceChildren();
         render(data);
@@ -1260,57 +1315,134 @@
   // -- resilience ------------------------------------------------------------------------------------------------
 
   function resiliencePage(view, token) {
+    const header = (titles) => h("thead", {}, h("tr", {}, titles.map((title) => h("th", {}, title))));
     const body = h("tbody");
     const table = h(
       "table",
       { id: "resilience-table", class: "grid" },
-      h("thead", {}, h("tr", {}, ["Breaker", "Kind", "State", "Failure rate", "Calls", "Failed", "Rejected"].map((t) => h("th", {}, t)))),
+      header(["Breaker", "Kind", "Where", "State", "Failure rate", "Calls", "Failed", "Rejected", "Last change"]),
       body,
     );
     const transitions = h("ul", { id: "transitions" });
+    const refusedBody = h("tbody");
+    const refused = h(
+      "table",
+      { id: "rejections-table", class: "grid" },
+      header(["Policy", "Kind", "Where", "Refused", "Last refused", "Now"]),
+      refusedBody,
+    );
+    const unreachable = h("ul", { id: "resilience-errors" });
     const problem = h("div");
-    view.append(h("h1", {}, "Resilience"), problem, table, h("h2", {}, "Recent transitions"), transitions);
+    view.append(
+      h("h1", {}, "Resilience"),
+      problem,
+      unreachable,
+      h("h2", {}, "Circuit breakers"),
+      table,
+      h("h2", {}, "Recent transitions"),
+      transitions,
+      h("h2", {}, "Rejections (bulkheads, rate limits)"),
+      refused,
+    );
 
     const pick = (row, ...keys) => {
       for (const key of keys) if (row[key] !== undefined && row[key] !== null) return row[key];
       return null;
     };
+    // where a policy lives: "gateway" (and its route), or a service and its instance
+    const whereOf = (row) => {
+      const service = String(pick(row, "service") ?? "");
+      const instance = row.instance ? ` (${row.instance})` : "";
+      const route = row.route ? ` route ${row.route}` : "";
+      return service ? `${service}${instance}${route}` : route.trim() || "–";
+    };
+    const breakerName = (b) => {
+      const name = String(pick(b, "name", "route", "client") ?? "?");
+      return b.downstream && b.downstream !== name ? `${name} → ${b.downstream}` : name;
+    };
+    const cell = (value) => h("td", { class: "num" }, value === null || value === undefined ? "–" : String(value));
 
-    function render(data) {
-      if (!data.available) {
-        body.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "The runner gave the dashboard no breaker source.")));
-        transitions.replaceChildren();
-        return;
-      }
-      const rows = data.breakers.map((b) => {
-        const name = String(pick(b, "name", "route", "client") ?? "?");
+    function renderBreakers(breakers) {
+      const rows = breakers.map((b) => {
+        const name = breakerName(b);
         const state = String(pick(b, "state") ?? "unknown").toLowerCase().replace(/[^a-z_]/g, "_");
         const rate = pick(b, "failure_rate");
+        const last = (b.transitions || []).at(-1);
         return h(
           "tr",
-          { class: "breaker-row", dataset: { name, state } },
+          { class: "breaker-row", dataset: { name, state, kind: String(pick(b, "kind") ?? ""), service: String(pick(b, "service") ?? "") } },
           h("td", {}, h("strong", {}, name)),
           h("td", {}, String(pick(b, "kind") ?? (b.route ? "route" : b.client ? "client" : "–"))),
+          h("td", {}, whereOf(b)),
           h("td", {}, h("span", { class: `badge state-${state}` }, state.replace("_", "-"))),
           h("td", { class: "num" }, rate === null || rate < 0 ? "–" : `${Number(rate).toFixed(1)}%`),
-          h("td", { class: "num" }, String(pick(b, "calls") ?? "–")),
-          h("td", { class: "num" }, String(pick(b, "failed", "failed_calls") ?? "–")),
-          h("td", { class: "num" }, String(pick(b, "not_permitted", "rejections", "rejected") ?? "–")),
+          cell(pick(b, "calls")),
+          cell(pick(b, "failed", "failed_calls")),
+          cell(pick(b, "not_permitted", "rejections", "rejected")),
+          h("td", { class: "muted" }, last ? `${fmtTime(last.time)} → ${last.to}` : "–"),
         );
       });
-      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No circuit breakers.")));
+      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No circuit breakers.")));
       body.replaceChildren(...rows);
       const events = [];
-      for (const b of data.breakers) {
-        for (const t of b.transitions || []) events.push({ name: String(pick(b, "name", "route", "client")), ...t });
+      for (const b of breakers) {
+        for (const t of b.transitions || []) events.push({ name: breakerName(b), where: whereOf(b), ...t });
       }
       events.sort((a, b) => (b.time || 0) - (a.time || 0));
       transitions.replaceChildren(
         ...events.slice(0, 100).map((t) =>
-          h("li", { class: "transition" }, h("span", { class: "muted" }, `${fmtTime(t.time)} `), h("strong", {}, t.name), ` ${t.from ?? "?"} → ${t.to ?? "?"}`),
+          h(
+            "li",
+            { class: `transition to-${String(t.to ?? "").replace(/[^a-z_]/g, "_")}` },
+            h("span", { class: "muted" }, `${fmtTime(t.time)} `),
+            h("strong", {}, t.name),
+            h("span", { class: "muted" }, ` at ${t.where}: `),
+            `${t.from ?? "?"} → ${t.to ?? "?"}`,
+            typeof t.failure_rate === "number" ? h("span", { class: "muted" }, ` (failure rate ${t.failure_rate.toFixed(1)}%)`) : null,
+          ),
         ),
       );
       if (!events.length) transitions.append(h("li", { class: "muted" }, "none"));
+    }
+
+    function renderRejections(rejections) {
+      const rows = rejections.map((r) => {
+        const kind = String(pick(r, "kind") ?? "");
+        const policy = String(pick(r, "policy") ?? "?");
+        const name = r.client && !policy.startsWith(`${r.client} `) ? `${policy} (${r.client})` : policy;
+        let now = "–";
+        if (r.limit !== undefined && r.limit !== null) now = `${r.in_flight ?? 0}/${r.limit} in flight${r.waiting ? `, ${r.waiting} waiting` : ""}`;
+        else if (r.allowed !== undefined && r.allowed !== null) now = `${r.allowed} allowed`;
+        return h(
+          "tr",
+          { class: `rejection-row${r.count ? " has-rejections" : ""}`, dataset: { kind, service: String(pick(r, "service") ?? ""), policy: String(pick(r, "policy") ?? "") } },
+          h("td", {}, h("strong", {}, name)),
+          h("td", {}, kind.replace("_", " ")),
+          h("td", {}, r.route === null && r.service === "gateway" ? "gateway (every route)" : whereOf(r)),
+          cell(pick(r, "count")),
+          h("td", { class: "muted" }, r.last ? fmtTime(r.last) : "–"),
+          h("td", { class: "muted" }, now),
+        );
+      });
+      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No bulkheads or rate limits.")));
+      refusedBody.replaceChildren(...rows);
+    }
+
+    function render(data) {
+      if (!data.available) {
+        body.replaceChildren(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "The runner gave the dashboard no resilience source.")));
+        transitions.replaceChildren();
+        refusedBody.replaceChildren();
+        unreachable.replaceChildren();
+        return;
+      }
+      renderBreakers(data.breakers || []);
+      renderRejections(data.rejections || []);
+      unreachable.replaceChildren(
+        ...(data.errors || []).map((e) =>
+          h("li", { class: "error-box" }, `${e.service} ${e.instance ?? ""} at ${e.address ?? "?"} did not report: ${e.error}`),
+        ),
+      );
     }
 
     async function load() {
