@@ -24,6 +24,7 @@ PUBLIC_MODULES = [
     "meshkit.dashboard",
     "meshkit.tracing",
     "meshkit.tracing.spans",
+    "meshkit.tracing.export",
     "meshkit.tracing.collector",
     "meshkit.tracing.receiver",
 ]

@@ -55,6 +55,17 @@ def test_config_shows_values_and_sources(tmp_path: Path) -> None:
     assert "meshkit.toml:2" in table.stdout
 
 
+def test_config_does_not_print_secret_export_headers(tmp_path: Path) -> None:
+    (tmp_path / "meshkit.toml").write_text('[tracing]\nheaders = { x-api-key = "s3cret-key" }\n')
+    for args in (["config", "--json"], ["config"]):
+        out = run(args, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "s3cret-key" not in out.stdout
+        assert "x-api-key" in out.stdout
+    data = json.loads(run(["config", "--json"], tmp_path).stdout)
+    assert data["tracing.headers"]["value"] == {"x-api-key": "***"}
+
+
 def test_a_bad_config_prints_error_and_hint_without_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "meshkit.toml").write_text('[broker]\nurl = "memory://"\n\n[brokr]\nurl = "x"\n')
     out = run(["config"], tmp_path)

@@ -125,6 +125,60 @@ def test_bad_values_name_key_source_and_reason(tmp_path: Path, monkeypatch: pyte
         load_settings(path, env=NO_ENV, overrides={"brokerz": 1})
 
 
+def test_tracing_protocol_and_headers_come_from_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    defaults = load_settings(env=NO_ENV).tracing
+    assert (defaults.protocol, defaults.endpoint, defaults.headers) == ("http/protobuf", None, {})
+
+    env = {
+        "MESHKIT_TRACING__PROTOCOL": "GRPC",
+        "MESHKIT_TRACING__ENDPOINT": "jaeger:4317",  # host:port is a gRPC endpoint (not a URL for OTLP/HTTP)
+        "MESHKIT_TRACING__HEADERS": '{"x-api-key": "s3cret"}',  # tables are JSON in the environment
+    }
+    tracing = load_settings(env=env).tracing
+    assert (tracing.protocol, tracing.endpoint, tracing.headers) == ("grpc", "jaeger:4317", {"x-api-key": "s3cret"})
+    settings = load_settings(env=env)
+    assert settings.source_of("tracing.protocol") == "environment variable MESHKIT_TRACING__PROTOCOL"
+    assert settings.source_of("tracing.headers") == "environment variable MESHKIT_TRACING__HEADERS"
+
+    path = write(
+        tmp_path,
+        '[tracing]\nprotocol = "grpc"\nendpoint = "https://api.example.com:443"\n'
+        'headers = { "x-honeycomb-team" = "key" }\n',
+    )
+    settings = load_settings(path, env=NO_ENV)
+    assert settings.tracing.headers == {"x-honeycomb-team": "key"}
+    assert settings.source_of("tracing.headers") == "meshkit.toml:4"
+    # the environment wins over the file, for the protocol as for every key
+    over = load_settings(path, env={"MESHKIT_TRACING__PROTOCOL": "http/protobuf"})
+    assert over.tracing.protocol == "http/protobuf"
+    assert over.tracing.endpoint == "https://api.example.com:443"
+
+
+def test_tracing_endpoint_is_checked_against_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as info:  # host:port is not an OTLP/HTTP URL
+        load_settings(env={"MESHKIT_TRACING__ENDPOINT": "jaeger:4318"})
+    assert info.value.key == "tracing.endpoint"
+    assert "http://" in str(info.value)
+
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"MESHKIT_TRACING__PROTOCOL": "zipkin"})
+    assert (info.value.key, info.value.source) == ("tracing.protocol", "environment variable MESHKIT_TRACING__PROTOCOL")
+    assert "'http/protobuf'" in str(info.value) and "'grpc'" in str(info.value)
+
+    with pytest.raises(SettingsError, match="not valid JSON"):
+        load_settings(env={"MESHKIT_TRACING__HEADERS": "x-api-key=s3cret"})
+
+    path = write(tmp_path, '[tracing]\nprotocol = "grpc"\nendpoint = "http://jaeger:4317/v1/traces"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env=NO_ENV)
+    assert (info.value.key, info.value.source) == ("tracing.endpoint", "meshkit.toml:3")
+    assert "has no path" in str(info.value) and "http/protobuf" in str(info.value)
+
+
 def test_toml_syntax_errors_name_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, '[broker]\nurl = "unterminated\n')
     with pytest.raises(SettingsError) as info:
@@ -150,7 +204,9 @@ def test_settings_are_frozen_and_flat_lists_every_key(tmp_path: Path, monkeypatc
         "log.level",
         "log.format",
         "tracing.enabled",
+        "tracing.protocol",
         "tracing.endpoint",
+        "tracing.headers",
         "tracing.sample_ratio",
         "services",
         "gateway",

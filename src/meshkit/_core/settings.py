@@ -33,8 +33,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings import SettingsError as PydanticSettingsError
 from typing_extensions import TypeIs
@@ -131,17 +132,40 @@ class LogSettings(Section):
 
 
 class TracingSettings(Section):
+    """Where spans go (see docs/tracing.md): the built-in collector, or any OTLP endpoint (Jaeger, Tempo, ...)."""
+
     enabled: bool = True
-    endpoint: str | None = None  # None: the built-in collector
+    # how spans reach `endpoint`: OTLP/HTTP (port 4318) or OTLP/gRPC (port 4317); the built-in collector speaks
+    # OTLP/HTTP whatever this says. Declared before `endpoint`, whose check depends on it.
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    # None: the built-in collector. http/protobuf: http(s)://host:4318/v1/traces; grpc: http://host:4317
+    # (plaintext), https://host:4317 or host:4317 (TLS)
+    endpoint: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every export, e.g. a hosted backend's API key
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("endpoint", mode="before")
     @classmethod
-    def _endpoint(cls, v: object) -> object:
+    def _endpoint(cls, v: object, info: ValidationInfo) -> object:
         if v == "":  # MESHKIT_TRACING__ENDPOINT= means "no endpoint", as unset
             return None
-        if isinstance(v, str):
+        if not isinstance(v, str):
+            return v
+        if info.data.get("protocol") != "grpc":
             return _url_with_scheme(v, ("http", "https"))
+        # meshkit.tracing.export checks the rest when the exporter is made; the likely slip is caught here
+        if "://" in v:
+            _url_with_scheme(v, ("http", "https"))
+        if urlsplit(v if "://" in v else f"//{v}").path not in ("", "/"):
+            raise ValueError(
+                "an OTLP/gRPC endpoint has no path: write host:port, http://host:port or https://host:port "
+                '(/v1/traces belongs to protocol = "http/protobuf")'
+            )
         return v
 
 

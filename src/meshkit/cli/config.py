@@ -12,6 +12,15 @@ from rich.table import Table
 
 from meshkit._core.settings import load_settings
 
+#: Settings whose values are secrets (API keys in export headers): shown as "***", keys kept.
+_SECRET_MAPS = frozenset({"tracing.headers"})
+
+
+def _shown(key: str, value: object) -> object:
+    if key in _SECRET_MAPS and isinstance(value, dict):
+        return dict.fromkeys(value, "***")
+    return value
+
 
 def show(
     file: Annotated[
@@ -22,7 +31,10 @@ def show(
 ) -> None:
     settings = load_settings(file)
     if as_json:
-        payload = {key: {"value": value, "source": settings.source_of(key)} for key, value in settings.flat().items()}
+        payload = {
+            key: {"value": _shown(key, value), "source": settings.source_of(key)}
+            for key, value in settings.flat().items()
+        }
         typer.echo(json.dumps(payload, indent=2))
         return
     table = Table(title="meshkit settings")
@@ -30,5 +42,5 @@ def show(
     table.add_column("value")
     table.add_column("source", style="dim")
     for key, value in settings.flat().items():
-        table.add_row(key, "" if value is None else str(value), settings.source_of(key))
+        table.add_row(key, "" if value is None else str(_shown(key, value)), settings.source_of(key))
     Console(highlight=False).print(table)

@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Tracing:
-    """Where spans go (``endpoint``: an OTLP/HTTP traces URL, ``None``: tracing off) and the collector's store when
-    this process runs the built-in one."""
+    """Where spans go (``endpoint``: an OTLP endpoint for ``protocol``, ``None``: tracing off) and the collector's
+    store when this process runs the built-in one."""
 
     endpoint: str | None
     sample_ratio: float = 1.0
+    protocol: str = "http/protobuf"
+    headers: Mapping[str, str] = field(default_factory=dict)
     store: Any = None  # meshkit.tracing.collector.TraceStore of the built-in collector
     collector_url: str | None = None
     _providers: list[Any] = field(default_factory=list)
@@ -59,7 +61,13 @@ class Tracing:
             return None
         from meshkit.tracing.spans import provider  # noqa: PLC0415 - OpenTelemetry loads only when tracing is on
 
-        made = provider(service, endpoint=self.endpoint, sample_ratio=self.sample_ratio)
+        made = provider(
+            service,
+            endpoint=self.endpoint,
+            protocol=self.protocol,
+            headers=self.headers,
+            sample_ratio=self.sample_ratio,
+        )
         self._providers.append(made)
         return made.get_tracer("meshkit")
 
@@ -82,7 +90,7 @@ async def system_tracing(system: System, host: str, *, collector: bool = True) -
         yield Tracing(None)
         return
     if settings.endpoint is not None or not collector:
-        tracing = Tracing(settings.endpoint, settings.sample_ratio)
+        tracing = Tracing(settings.endpoint, settings.sample_ratio, settings.protocol, settings.headers)
         try:
             yield tracing
         finally:

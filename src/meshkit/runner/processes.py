@@ -137,7 +137,8 @@ class Supervisor:
     async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.tracing.endpoint is not None:
-            env["MESHKIT_TRACING__ENDPOINT"] = self.tracing.endpoint  # the children export to our collector
+            env["MESHKIT_TRACING__ENDPOINT"] = self.tracing.endpoint  # the children export where we do
+            env["MESHKIT_TRACING__PROTOCOL"] = self.tracing.protocol  # OTLP/HTTP when that is our collector
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

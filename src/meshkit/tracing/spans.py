@@ -8,8 +8,8 @@ child of the publish span, and linked to it). Names and attributes follow the Op
 
 A service gets a tracer from its runner (:func:`provider` makes one per service, so spans carry the right
 ``service.name`` even when several services share a process); code that has none (``tracer=None``) pays nothing.
-:func:`provider` exports over OTLP/HTTP (protobuf) to ``endpoint`` (the built-in collector by default in ``meshkit
-run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Sampling is parent-based and deterministic by trace
+:func:`provider` exports over OTLP (HTTP/protobuf or gRPC) to ``endpoint`` (the built-in collector by default in
+``meshkit run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Sampling is parent-based and deterministic by trace
 id, so every service keeps or drops the same traces, and a trace with an error is kept whatever the ratio (see
 :class:`ErrorKeepingProcessor`).
 """
@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from meshkit._core.optional import require
+from meshkit.tracing.export import otlp_exporter
 
 __all__ = [
     "ErrorKeepingProcessor",
@@ -97,13 +98,16 @@ def provider(
     *,
     endpoint: str | None = None,
     exporter: Any = None,
+    protocol: str = "http/protobuf",
+    headers: Mapping[str, str] | None = None,
     sample_ratio: float = 1.0,
     keep_errors: bool = True,
     batch: bool = True,
     attributes: Mapping[str, str] | None = None,
 ) -> Any:
-    """A ``TracerProvider`` for ``service``: spans go to ``exporter``, or over OTLP/HTTP to ``endpoint`` (the
-    collector's ``/v1/traces`` URL). Call its ``shutdown()`` when the service stops (it flushes what is left)."""
+    """A ``TracerProvider`` for ``service``: spans go to ``exporter``, or over OTLP to ``endpoint`` (``protocol``
+    ``"http/protobuf"``: the collector's traces URL; ``"grpc"``: ``host:port``; see :mod:`meshkit.tracing.export`),
+    with ``headers`` on every export. Call its ``shutdown()`` when the service stops (it flushes what is left)."""
     sdk_trace = require("opentelemetry.sdk.trace", "otel")
     resources = require("opentelemetry.sdk.resources", "otel")
     export = require("opentelemetry.sdk.trace.export", "otel")
@@ -111,8 +115,7 @@ def provider(
     if exporter is None:
         if endpoint is None:
             raise ValueError("a tracer provider needs an endpoint or an exporter")
-        otlp = require("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otel")
-        exporter = otlp.OTLPSpanExporter(endpoint=endpoint, timeout=5)
+        exporter = otlp_exporter(endpoint, protocol=protocol, headers=headers)
     inner = (
         # a deep queue: a burst of requests must not drop spans while the exporter thread catches up
         export.BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
