@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from meshkit import Service, discovery, messaging
 from meshkit.client import AsgiTransport, ServiceClient
@@ -37,9 +39,18 @@ class Drop(SpanExporter):
         return None
 
 
+def sdk_provider() -> Any:
+    """The OpenTelemetry SDK's own provider, configured as meshkit's: every span recorded, batch export."""
+    made = TracerProvider(resource=Resource.create({"service.name": "bench"}))
+    made.add_span_processor(
+        BatchSpanProcessor(Drop(), max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
+    )
+    return made
+
+
 async def scenario(mode: str, calls: int, messages: int, folder: Path) -> tuple[float, float]:
     """(microseconds per call, microseconds per message round trip) in ``mode``: none, meshkit, sdk."""
-    made = provider("bench", exporter=Drop()) if mode != "none" else None
+    made = (sdk_provider() if mode == "sdk" else provider("bench", exporter=Drop())) if mode != "none" else None
     tracer = made.get_tracer("bench") if made is not None else None
     service = Service("stock")
     got: list[int] = []

@@ -39,7 +39,7 @@ from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
 from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, PolicyLog, ServiceMetrics, client_policies, client_watches
 from meshkit.tracing import TRACE_HEADERS, extracted
-from meshkit.tracing.spans import current_links, span, status_code_error
+from meshkit.tracing.spans import current_links, server_span, span, status_code_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -429,7 +429,7 @@ class Service:
             return
         metrics = self._metrics
         if metrics is None or scope["type"] != "http":
-            await self._dispatch(scope, receive, send)
+            await self._dispatch(scope, receive, send, None)
             return
         started = time.perf_counter()
         status = [500]
@@ -440,19 +440,21 @@ class Service:
             await send(message)
 
         try:
-            await self._dispatch(scope, receive, send_status)
+            await self._dispatch(scope, receive, send_status, status)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             metrics.request(scope.get("method", "GET"), route, status[0], time.perf_counter() - started)
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, status: list[int] | None) -> None:
+        """Serve ``scope`` (traced when the service has a tracer); ``status`` is where ``send`` already records
+        the response status, if it does."""
         app = self._http
         if app is None:
             app = self.http  # creates the FastAPI app: a service with no routes still answers 404s properly
         raw = scope.get("headers", ()) if scope["type"] == "http" else ()
         tracer = self._ctx.tracer if self._ctx is not None else None
         if tracer is not None and scope["type"] == "http":
-            await _traced_request(tracer, app, scope, receive, send)
+            await _traced_request(tracer, app, scope, receive, send, status)
         elif any(k == b"traceparent" for k, _ in raw):  # the common untraced request builds no dict
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}  # ASGI names are lower-case
             with extracted(headers):
@@ -464,25 +466,29 @@ class Service:
 _TRACE_KEYS = frozenset(k.encode() for k in TRACE_HEADERS)
 
 
-async def _traced_request(tracer: Any, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+async def _traced_request(
+    tracer: Any, app: ASGIApp, scope: Scope, receive: Receive, send: Send, status: list[int] | None
+) -> None:
     """Serve one request inside a server span, a child of the caller's ``traceparent``."""
     carrier = {  # only the trace headers: extraction reads nothing else
-        k.decode("latin-1"): v.decode("latin-1")
-        for k, v in scope.get("headers", ())
-        if k in _TRACE_KEYS
+        k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_KEYS
     }
     method = scope.get("method", "GET")
     attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
-    status = [500]
+    if status is None:  # nothing records the status yet (no metrics): record it here
+        status = [500]
+        recorded = status
 
-    async def send_status(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            status[0] = int(message["status"])
-        await send(message)
+        async def send_status(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                recorded[0] = int(message["status"])
+            await send(message)
 
-    with extracted(carrier), span(tracer, method, kind="server", attributes=attributes) as current:
+        send = send_status
+
+    with server_span(tracer, method, carrier, attributes) as current:
         try:
-            await app(scope, receive, send_status)
+            await app(scope, receive, send)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None)

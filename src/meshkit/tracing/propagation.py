@@ -1,15 +1,23 @@
-"""Inject and extract W3C trace context (see the package docstring)."""
+"""Inject and extract W3C trace context (see the package docstring).
+
+With OpenTelemetry's default propagators (``tracecontext`` and ``baggage``), :func:`current_headers` formats the
+current span's ``traceparent`` itself, exactly as the W3C propagator does but without its intermediate objects (a
+meshkit recorder span writes its own, without building a ``SpanContext``); on a traced call the propagator's
+inject and extract cost about as much as recording both spans did. Baggage to write, or other propagators
+configured with ``OTEL_PROPAGATORS``, go through OpenTelemetry's global propagator, as does every extraction
+here; :func:`meshkit.tracing.spans.server_span` reads a lone plain ``traceparent`` straight into a server span.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import importlib
-from collections.abc import Iterator, Mapping, MutableMapping
-from types import ModuleType
+from collections.abc import Mapping, MutableMapping
+from types import ModuleType, TracebackType
+from typing import Any
 
-__all__ = ["TRACE_HEADERS", "current_headers", "extracted", "inject"]
+__all__ = ["TRACE_HEADERS", "current_headers", "default_propagation", "extracted", "inject"]
 
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
@@ -18,11 +26,33 @@ _carried: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.Context
 )
 
 
+class _Otel:
+    """The OpenTelemetry API pieces propagation uses, imported once."""
+
+    def __init__(self) -> None:
+        self.propagate: ModuleType = importlib.import_module("opentelemetry.propagate")
+        self.context: ModuleType = importlib.import_module("opentelemetry.context")
+        self.trace: ModuleType = importlib.import_module("opentelemetry.trace")
+        self.baggage: ModuleType = importlib.import_module("opentelemetry.baggage")
+        self.baggage_propagator: Any = importlib.import_module(
+            "opentelemetry.baggage.propagation"
+        ).W3CBaggagePropagator()
+
+    def default_propagation(self) -> bool:
+        """Whether the global propagator is OpenTelemetry's default (W3C trace context and baggage)."""
+        return _is_default(self.propagate.get_global_textmap())
+
+
+@functools.lru_cache(maxsize=8)
+def _is_default(textmap: Any) -> bool:
+    return set(textmap.fields) == set(TRACE_HEADERS)
+
+
 @functools.cache
-def _otel() -> tuple[ModuleType, ModuleType] | None:
-    """OpenTelemetry's ``propagate`` and ``context`` modules, or None when the API is not installed."""
+def _otel() -> _Otel | None:
+    """OpenTelemetry's API, or None when it is not installed."""
     try:
-        return importlib.import_module("opentelemetry.propagate"), importlib.import_module("opentelemetry.context")
+        return _Otel()
     except ImportError:
         return None
 
@@ -32,10 +62,28 @@ def current_headers() -> dict[str, str]:
     carrier: dict[str, str] = {}
     otel = _otel()
     if otel is not None:
-        otel[0].inject(carrier)
+        if otel.default_propagation():
+            context = otel.context.get_current()
+            current = otel.trace.get_current_span(context)
+            own = getattr(current, "w3c_headers", None)  # meshkit's recorder spans format their own
+            if own is not None:
+                own(carrier)
+            else:
+                span_context = current.get_span_context()
+                if span_context.is_valid:
+                    carrier["traceparent"] = (
+                        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+                    )
+                    if span_context.trace_state:
+                        carrier["tracestate"] = span_context.trace_state.to_header()
+            if otel.baggage.get_all(context):
+                otel.baggage_propagator.inject(carrier, context)
+        else:
+            otel.propagate.inject(carrier)
+            carrier = {k: v for k, v in carrier.items() if k in TRACE_HEADERS}
     if "traceparent" not in carrier:
         carrier.update(_carried.get() or {})
-    return {k: v for k, v in carrier.items() if k in TRACE_HEADERS}
+    return carrier
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
@@ -45,19 +93,41 @@ def inject(headers: MutableMapping[str, str]) -> None:
         headers.setdefault(key, value)
 
 
-@contextlib.contextmanager
-def extracted(headers: Mapping[str, str]) -> Iterator[None]:
-    """Run the block inside the trace context ``headers`` carry (no-op when they carry none)."""
-    carried = {k: headers[k] for k in TRACE_HEADERS if k in headers}
-    if not carried:
-        yield
-        return
-    token = _carried.set(carried)
+def default_propagation() -> bool:
+    """Whether OpenTelemetry is installed with its default propagators (W3C trace context and baggage), so a
+    ``traceparent`` header means what meshkit's short paths take it to mean."""
     otel = _otel()
-    otel_token = otel[1].attach(otel[0].extract(carried)) if otel is not None else None
-    try:
-        yield
-    finally:
-        if otel is not None:
-            otel[1].detach(otel_token)
-        _carried.reset(token)
+    return otel is not None and otel.default_propagation()
+
+
+class extracted:
+    """Run the block inside the trace context ``headers`` carry (no-op when they carry none)."""
+
+    __slots__ = ("_carried", "_otel_token", "_token")
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self._carried = {k: headers[k] for k in TRACE_HEADERS if k in headers}
+        self._token: contextvars.Token[Mapping[str, str] | None] | None = None
+        self._otel_token: Any = None
+
+    def __enter__(self) -> None:
+        carried = self._carried
+        if not carried:
+            return
+        self._token = _carried.set(carried)
+        otel = _otel()
+        if otel is None:
+            return
+        self._otel_token = otel.context.attach(otel.propagate.extract(carried))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._otel_token is not None:
+            otel = _otel()
+            assert otel is not None
+            otel.context.detach(self._otel_token)
+            self._otel_token = None
+        if self._token is not None:
+            _carried.reset(self._token)
+            self._token = None

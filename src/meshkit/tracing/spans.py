@@ -9,7 +9,8 @@ child of the publish span, and linked to it). Names and attributes follow the Op
 A service gets a tracer from its runner (:func:`provider` makes one per service, so spans carry the right
 ``service.name`` even when several services share a process); code that has none (``tracer=None``) pays nothing.
 :func:`provider` exports over OTLP (HTTP/protobuf or gRPC) to ``endpoint`` (the built-in collector by default in
-``meshkit run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Sampling is parent-based and deterministic by trace
+``meshkit run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Spans are recorded by
+:mod:`meshkit.tracing._recorder`, OpenTelemetry's trace API implemented for speed, and exported by the SDK. Sampling is parent-based and deterministic by trace
 id, so every service keeps or drops the same traces, and a trace with an error is kept whatever the ratio (see
 :class:`ErrorKeepingProcessor`).
 """
@@ -21,11 +22,13 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from meshkit._core.optional import require
 from meshkit.tracing.export import otlp_exporter
+from meshkit.tracing.propagation import default_propagation as _default_propagation
+from meshkit.tracing.propagation import extracted
 
 __all__ = [
     "ErrorKeepingProcessor",
@@ -34,6 +37,7 @@ __all__ = [
     "console_logging",
     "current_links",
     "provider",
+    "server_span",
     "span",
     "span_kind",
     "status_code_error",
@@ -56,7 +60,6 @@ def span_kind(kind: str) -> Any:
     return getattr(_api().SpanKind, kind.upper())
 
 
-@contextlib.contextmanager
 def span(
     tracer: Any | None,
     name: str,
@@ -65,20 +68,70 @@ def span(
     attributes: Mapping[str, Any] | None = None,
     context: Any = None,
     links: Sequence[Any] = (),
-) -> Iterator[Any]:
+) -> contextlib.AbstractContextManager[Any]:
     """``with span(tracer, "GET /x", kind="server") as s:`` a current span (``None`` and no cost without a tracer).
     An exception leaving the block is recorded on the span and sets its status to error."""
     if tracer is None:
-        yield None
-        return
-    with tracer.start_as_current_span(
-        name,
-        context=context,
-        kind=span_kind(kind),
-        attributes=dict(attributes) if attributes else None,
-        links=list(links) or None,
-    ) as current:
-        yield current
+        return _NO_SPAN
+    result: contextlib.AbstractContextManager[Any] = tracer.start_as_current_span(
+        name, context=context, kind=span_kind(kind), attributes=attributes, links=links or None
+    )
+    return result
+
+
+def server_span(
+    tracer: Any | None, name: str, carried: Mapping[str, str], attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """``span(tracer, name, kind="server", attributes=attributes)`` as a child of the caller's span, which the
+    trace headers ``carried`` (``traceparent``, ``tracestate``, ``baggage``; see :data:`TRACE_HEADERS`) name. The
+    common request, a lone plain ``traceparent`` to a meshkit tracer, is parsed straight into the span's parent;
+    anything else is extracted into the current context first (:func:`meshkit.tracing.extracted`)."""
+    if tracer is None:
+        return _NO_SPAN
+    if len(carried) == 1 and "traceparent" in carried and isinstance(tracer, _recorder().Tracer):
+        parent = _recorder().RemoteParent.parse(carried["traceparent"])
+        if parent is not None and _default_propagation():
+            child: contextlib.AbstractContextManager[Any] = tracer.start_child_of_remote(
+                parent, name, span_kind("server"), attributes
+            )
+            return child
+    return _Extracted(carried, functools.partial(span, tracer, name, kind="server", attributes=attributes))
+
+
+class _Extracted:
+    """A span made and entered inside the trace context of headers (the slow, general path of
+    :func:`server_span`): the span is made only once the context is current, since its parent comes from it."""
+
+    __slots__ = ("_extracted", "_inner", "_make")
+
+    def __init__(self, carried: Mapping[str, str], make: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self._extracted = extracted(carried)
+        self._make = make
+        self._inner: contextlib.AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> Any:
+        self._extracted.__enter__()
+        try:
+            self._inner = self._make()
+            return self._inner.__enter__()
+        except BaseException:
+            self._extracted.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(*exc)
+        finally:
+            self._extracted.__exit__(None, None, None)
+
+
+@functools.cache
+def _recorder() -> Any:
+    return require("meshkit.tracing._recorder", "otel")
+
+
+_NO_SPAN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
 def current_links() -> list[Any]:
@@ -108,30 +161,27 @@ def provider(
     """A ``TracerProvider`` for ``service``: spans go to ``exporter``, or over OTLP to ``endpoint`` (``protocol``
     ``"http/protobuf"``: the collector's traces URL; ``"grpc"``: ``host:port``; see :mod:`meshkit.tracing.export`),
     with ``headers`` on every export. Call its ``shutdown()`` when the service stops (it flushes what is left)."""
-    sdk_trace = require("opentelemetry.sdk.trace", "otel")
+    recorder = _recorder()
     resources = require("opentelemetry.sdk.resources", "otel")
     export = require("opentelemetry.sdk.trace.export", "otel")
-    sampling = require("opentelemetry.sdk.trace.sampling", "otel")
     if exporter is None:
         if endpoint is None:
             raise ValueError("a tracer provider needs an endpoint or an exporter")
         exporter = otlp_exporter(endpoint, protocol=protocol, headers=headers)
     inner = (
         # a deep queue: a burst of requests must not drop spans while the exporter thread catches up
-        export.BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
+        recorder.BatchProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
         if batch
         else export.SimpleSpanProcessor(exporter)
     )
-    # every span is recorded (so an error later in a trace can still keep it); the processor decides what leaves
-    sampler = (
-        sampling.ParentBased(sampling.ALWAYS_ON)
-        if keep_errors
-        else sampling.ParentBased(sampling.TraceIdRatioBased(sample_ratio))
+    keeping = keep_errors and sample_ratio < 1.0
+    # keeping errors: every span is recorded (so an error later in a trace can still keep it), the processor
+    # decides what leaves; otherwise parent-based ratio sampling decides at the trace's first span
+    result = recorder.TracerProvider(
+        resources.Resource.create({"service.name": service, **(attributes or {})}),
+        ratio=None if keeping or sample_ratio >= 1.0 else sample_ratio,
     )
-    result = sdk_trace.TracerProvider(
-        resource=resources.Resource.create({"service.name": service, **(attributes or {})}), sampler=sampler
-    )
-    result.add_span_processor(ErrorKeepingProcessor(inner, sample_ratio) if keep_errors else inner)
+    result.add_span_processor(ErrorKeepingProcessor(inner, sample_ratio) if keeping else inner)
     return result
 
 
@@ -166,7 +216,7 @@ class ErrorKeepingProcessor:
             hook(span)
 
     def on_end(self, span: Any) -> None:
-        trace_id = span.context.trace_id
+        trace_id = span._trace_id if hasattr(span, "_trace_id") else span.context.trace_id
         if (trace_id & self._BOUND) <= self._threshold and self._threshold:
             self._inner.on_end(span)
             return
