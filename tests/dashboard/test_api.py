@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -393,6 +394,37 @@ async def test_resilience_shows_breakers_transitions_rejections_and_instances_th
 
 
 @pytest.mark.anyio
+async def test_messaging_shows_how_far_each_group_is_behind(store: TraceStore, broker: Broker) -> None:
+    release = asyncio.Event()
+
+    async def slow(message: Message) -> None:
+        await release.wait()
+
+    await broker.subscribe("invoice.due", slow, group="billing", options=SubscriptionOptions(poll_interval=0.02))
+    for n in range(5):
+        await broker.publish("invoice.due", {"n": n})
+    infos = {"billing": ServiceInfo("billing", subscriptions=[("invoice.due", "billing")])}
+    dashboard = DashboardApp(store, broker=broker, services=lambda: infos)
+
+    async def lag() -> dict[str, Any]:
+        data = await get_json(dashboard, "/api/messaging")
+        (group,) = data["topics"][0]["groups"]
+        return dict(group["lag"])
+
+    async def behind() -> bool:
+        got = await lag()
+        return bool(got["total"] == 5 and got["in_flight"] >= 1)
+
+    await eventually(behind, "five messages waiting or in flight for billing")
+    release.set()
+
+    async def caught_up() -> bool:
+        return (await lag()) == {"waiting": 0, "in_flight": 0, "total": 0}
+
+    await eventually(caught_up, "billing to catch up")
+
+
+@pytest.mark.anyio
 async def test_messaging_lists_topics_groups_and_the_dead_letters_a_failing_handler_left(
     store: TraceStore, broker: Broker
 ) -> None:
@@ -416,14 +448,24 @@ async def test_messaging_lists_topics_groups_and_the_dead_letters_a_failing_hand
     await eventually(one_dead_letter, "the message to reach the dead letters")
     data = await get_json(dashboard, "/api/messaging")
     assert data["broker"] is True
+    unknown = {"lag": None, "lag_error": "the broker does not know this group yet"}
+    caught_up = {"lag": {"waiting": 0, "in_flight": 0, "total": 0}}
     assert data["topics"] == [
         {
             "topic": "order.created",
-            "groups": [{"group": "analytics", "service": "analytics"}, {"group": "email", "service": "email"}],
+            "groups": [
+                {"group": "analytics", "service": "analytics", **unknown},  # a service the broker never saw join
+                {"group": "email", "service": "email", **caught_up},  # the letter left for the dead letters
+            ],
             "dlq": 1,
             "dlq_truncated": False,
         },
-        {"topic": "page.viewed", "groups": [{"group": "a", "service": "analytics"}], "dlq": 0, "dlq_truncated": False},
+        {
+            "topic": "page.viewed",
+            "groups": [{"group": "a", "service": "analytics", **unknown}],
+            "dlq": 0,
+            "dlq_truncated": False,
+        },
     ]
     listing = await get_json(dashboard, "/api/messaging/order.created/dlq")
     (letter,) = listing["messages"]

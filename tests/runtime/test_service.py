@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -167,6 +168,11 @@ async def test_a_service_serves_prometheus_metrics_of_requests_messages_breakers
     service = Service("stock")
     restocked: list[str] = []
     service.client("pricing")  # a downstream: its breaker state is a gauge
+    audits = asyncio.Event()
+
+    @service.subscribe("audit")
+    async def audit(message: Message) -> None:
+        await audits.wait()  # holds its messages: they show as lag
 
     @service.http.get("/stock/{sku}")
     async def stock(sku: str) -> dict[str, int]:
@@ -207,7 +213,23 @@ async def test_a_service_serves_prometheus_metrics_of_requests_messages_breakers
             return restocked == ["good"] and len(await broker.dead_letters("restock").list(10)) == 1
 
         await eventually(settled, "the good message handled, the bad one in the dead letter topic")
+        for n in range(3):
+            await broker.publish("audit", n)
+
+        async def behind() -> bool:
+            text = (await service.metrics_text()).decode()
+            held = 'meshkit_consumer_lag{group="stock",service="stock",state="in_flight",topic="audit"}'
+            waiting = 'meshkit_consumer_lag{group="stock",service="stock",state="waiting",topic="audit"}'
+            counts = {
+                line.split()[0]: float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith(("meshkit_consumer_lag{",))
+            }
+            return counts.get(held, 0) >= 1 and counts.get(held, 0) + counts.get(waiting, 0) == 3
+
+        await eventually(behind, "three audit messages held or waiting, in the lag gauge")
         text = (await service.metrics_text()).decode()
+        audits.set()
         await service.stop()
         await transport.aclose()
     assert 'meshkit_http_requests_total{method="GET",route="/stock/{sku}",service="stock",status="200"} 2.0' in text
@@ -215,5 +237,7 @@ async def test_a_service_serves_prometheus_metrics_of_requests_messages_breakers
     assert 'meshkit_messages_handled_total{group="stock",outcome="ok",service="stock",topic="restock"} 1.0' in text
     assert 'meshkit_messages_handled_total{group="stock",outcome="error",service="stock",topic="restock"} 2.0' in text
     assert 'meshkit_dead_letters{group="stock",service="stock",topic="restock"} 1.0' in text
+    assert 'meshkit_consumer_lag{group="stock",service="stock",state="waiting",topic="restock"} 0.0' in text
+    assert 'meshkit_consumer_lag{group="stock",service="stock",state="in_flight",topic="restock"} 0.0' in text
     assert 'meshkit_client_breaker_state{downstream="pricing",service="stock"} 0.0' in text
     assert "meshkit_http_request_duration_seconds_bucket" in text

@@ -32,7 +32,7 @@ from meshkit.dashboard._model import ServiceInfo, TraceTree, topology
 from meshkit.dashboard._openapi import OpenApiCache
 from meshkit.discovery import Instance, Registry
 from meshkit.errors import Unavailable
-from meshkit.messaging import Broker, Message
+from meshkit.messaging import Broker, GroupNotFound, Message
 from meshkit.tracing.collector import STATUS_CODES, SpanRecord, TraceStore
 
 if TYPE_CHECKING:
@@ -442,8 +442,8 @@ class DashboardApp:
 
     # -- messaging -------------------------------------------------------------------------------------------------
 
-    def _topics(self) -> dict[str, list[dict[str, str]]]:
-        topics: dict[str, list[dict[str, str]]] = {}
+    def _topics(self) -> dict[str, list[dict[str, Any]]]:
+        topics: dict[str, list[dict[str, Any]]] = {}
         for name, info in sorted(self._infos().items()):
             for topic, group in info.subscriptions:
                 topics.setdefault(topic, []).append({"group": group, "service": name})
@@ -463,6 +463,8 @@ class DashboardApp:
         for topic, groups in self._topics().items():
             row: dict[str, Any] = {"topic": topic, "groups": groups, "dlq": None, "dlq_truncated": False}
             if self.broker is not None:
+                for group in groups:
+                    group.update(await self._lag(topic, group["group"]))
                 try:
                     size = len(await self._dead_letters(topic, self._dlq_limit))
                 except Unavailable as exc:
@@ -472,6 +474,18 @@ class DashboardApp:
                     row["dlq_truncated"] = size >= self._dlq_limit
             out.append(row)
         return {"broker": self.broker is not None, "topics": out}
+
+    async def _lag(self, topic: str, group: str) -> dict[str, Any]:
+        """``lag``: how far ``group`` is behind on ``topic`` (``waiting``, ``in_flight``, ``total``; None for what
+        the broker cannot tell), or None with a ``lag_error`` when it cannot be asked now."""
+        assert self.broker is not None
+        try:
+            lag = await self.broker.lag(topic, group)
+        except GroupNotFound:
+            return {"lag": None, "lag_error": "the broker does not know this group yet"}
+        except Unavailable as exc:
+            return {"lag": None, "lag_error": str(exc)}
+        return {"lag": {"waiting": lag.waiting, "in_flight": lag.in_flight, "total": lag.total}}
 
     def _check_topic(self, topic: str) -> Broker:
         if topic not in self._topics():

@@ -7,7 +7,11 @@
   ``meshkit_message_handling_seconds{service, topic}``;
 - ``meshkit_client_breaker_state{service, downstream}``: 0 closed, 1 half-open, 2 open, for each service it calls;
 - ``meshkit_dead_letters{service, topic, group}``: messages in the dead letter topic of each subscription (counted
-  at scrape time, up to 10,000).
+  at scrape time, up to 10,000);
+- ``meshkit_consumer_lag{service, topic, group, state}``: how far each subscription's group is behind (asked of the
+  broker at scrape time, :meth:`meshkit.messaging.Broker.lag`): ``state="waiting"`` (published, not yet delivered)
+  and ``state="in_flight"`` (delivered, not yet acknowledged); a state the broker cannot tell is left out (RabbitMQ
+  has no in-flight count, Kafka tells only the sum, exported as ``state="total"``).
 
 And what ``/_meshkit/resilience`` answers (:func:`client_policies`, :class:`PolicyLog`): the state of each client's
 circuit breaker with its recent transitions, and the calls its bulkhead refused. The gateway's rows (built by the
@@ -61,6 +65,13 @@ class ServiceMetrics:
             "Messages in the dead letter topic of each subscription (counted at scrape time)",
             ("service", "topic", "group"),
             lambda: [((service, topic, group), float(n)) for (topic, group), n in self.dead_letters.items()],
+        )
+        self.lag: dict[tuple[str, str, str], int] = {}  # (topic, group, state) -> messages
+        self.set.gauge(
+            "meshkit_consumer_lag",
+            "Messages a subscription's group is behind, by state: waiting, in_flight (total when only that is known)",
+            ("service", "topic", "group", "state"),
+            lambda: [((service, *key), float(n)) for key, n in self.lag.items()],
         )
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -399,7 +399,7 @@ class Service:
         return out
 
     async def metrics_text(self) -> bytes:
-        """The Prometheus exposition of this service's metrics (dead letters counted now)."""
+        """The Prometheus exposition of this service's metrics (dead letters and consumer lag counted now)."""
         metrics = self._metrics
         if metrics is None:
             return b""
@@ -413,7 +413,23 @@ class Service:
                 metrics.dead_letters[(sub.topic, sub.group)] = sum(
                     1 for m in dead if m.headers.get("dlqgroup") in (None, sub.group)
                 )
+            for sub in self._subscriptions:
+                await self._count_lag(metrics, sub.topic, sub.group)
         return metrics.render()
+
+    async def _count_lag(self, metrics: ServiceMetrics, topic: str, group: str) -> None:
+        assert self._ctx is not None
+        try:
+            lag = await self._ctx.broker.lag(topic, group)
+        except Exception:  # not joined yet, or a broker that cannot tell now: the gauge keeps its last values
+            log.debug("cannot ask the lag of %s/%s", topic, group, exc_info=True)
+            return
+        known = {"waiting": lag.waiting, "in_flight": lag.in_flight}
+        if lag.waiting is None and lag.in_flight is None:
+            known = {"total": lag.total}
+        for state, value in known.items():
+            if value is not None:
+                metrics.lag[(topic, group, state)] = value
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in _OWN_PATHS:

@@ -1489,6 +1489,14 @@
     return { table, load };
   }
 
+  // How far a consumer group is behind: waiting + in flight when the broker tells both (see docs/dashboard.md).
+  function lagBadge(g) {
+    if (!g.lag) return h("span", { class: "lag muted", title: g.lag_error || "" }, " · lag –");
+    const n = g.lag.total ?? g.lag.waiting;
+    const parts = [g.lag.waiting !== null ? `${g.lag.waiting} waiting` : null, g.lag.in_flight !== null ? `${g.lag.in_flight} in flight` : null];
+    return h("span", { class: `lag${n ? " behind" : ""}`, title: parts.filter(Boolean).join(", ") }, ` · lag ${n ?? "?"}`);
+  }
+
   function messagingPage(view, token, rest) {
     if (rest[0]) {
       dlqPage(view, token, rest[0]);
@@ -1498,7 +1506,7 @@
     const table = h(
       "table",
       { id: "messaging-table", class: "grid" },
-      h("thead", {}, h("tr", {}, ["Topic", "Consumer groups", "Dead letters"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Topic", "Consumer groups (lag)", "Dead letters"].map((t) => h("th", {}, t)))),
       body,
     );
     const audit = auditTable();
@@ -1516,7 +1524,7 @@
               "tr",
               { class: "topic-row", dataset: { topic: t.topic } },
               h("td", {}, h("strong", {}, t.topic)),
-              h("td", {}, t.groups.map((g) => h("div", {}, g.group, h("span", { class: "muted" }, ` (${g.service})`)))),
+              h("td", {}, t.groups.map((g) => h("div", { class: "group-row" }, g.group, h("span", { class: "muted" }, ` (${g.service})`), lagBadge(g)))),
               h(
                 "td",
                 {},
