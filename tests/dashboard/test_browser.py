@@ -123,6 +123,12 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             assert await page.locator('#rejections-table .rejection-row[data-kind="rate_limited"]').count() >= 1
             await page.screenshot(path=str(shots / "resilience.png"), full_page=True)
 
+            await page.goto(f"{dashboard}/#/messaging")
+            await page.wait_for_selector('#messaging-table .topic-row[data-topic="order.created"] .lag')
+            lags = await page.locator('#messaging-table .topic-row[data-topic="order.created"] .lag').all_inner_texts()
+            assert lags and all(text.strip().startswith("· lag") for text in lags), lags
+            await page.screenshot(path=str(shots / "messaging.png"), full_page=True)
+
             await page.goto(f"{dashboard}/#/messaging/order.created")
             await page.wait_for_selector("#dlq-table .dlq-row")
             await page.screenshot(path=str(shots / "dead-letters.png"), full_page=True)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshkit._core.optional import require
@@ -49,6 +49,7 @@ class Tracing:
 
     endpoint: str | None
     sample_ratio: float = 1.0
+    _: KW_ONLY  # the rest by name: positions once sent a store where the protocol goes
     protocol: str = "http/protobuf"
     headers: Mapping[str, str] = field(default_factory=dict)
     store: Any = None  # meshkit.tracing.collector.TraceStore of the built-in collector
@@ -90,7 +91,9 @@ async def system_tracing(system: System, host: str, *, collector: bool = True) -
         yield Tracing(None)
         return
     if settings.endpoint is not None or not collector:
-        tracing = Tracing(settings.endpoint, settings.sample_ratio, settings.protocol, settings.headers)
+        tracing = Tracing(
+            settings.endpoint, settings.sample_ratio, protocol=settings.protocol, headers=settings.headers
+        )
         try:
             yield tracing
         finally:
@@ -103,7 +106,7 @@ async def system_tracing(system: System, host: str, *, collector: bool = True) -
     store = await TraceStore.open(system.state_dir / "traces.db")
     try:
         server = await serve_collector(host, 0, store)
-        tracing = Tracing(server.traces_endpoint, settings.sample_ratio, store, server.url)
+        tracing = Tracing(server.traces_endpoint, settings.sample_ratio, store=store, collector_url=server.url)
         try:
             yield tracing
         finally:
