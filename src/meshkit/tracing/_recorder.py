@@ -347,7 +347,11 @@ class Tracer(trace_api.Tracer):
             record_exception,
             set_status_on_exception,
         )
-        if recording:
+        return self._begun(span, context)
+
+    def _begun(self, span: Span, context: context_api.Context | None) -> Span:
+        """``span``, once the processors have seen it start (only recorded spans reach them)."""
+        if span._recording:
             for processor in self.processors:
                 processor.on_start(cast("Any", span), context)
         return span
@@ -358,27 +362,13 @@ class Tracer(trace_api.Tracer):
         """``start_as_current_span(name, kind=kind, attributes=attributes)`` under the caller's span ``parent``
         (what a server span of a request carrying only a ``traceparent`` needs: no context to extract first)."""
         flags = parent._flags
-        recording = bool(flags & 1)
+        attributes = dict(attributes) if attributes else {}
+        trace_id, recording = parent._trace_id, bool(flags & 1)
         span = Span(
-            self,
-            name,
-            kind,
-            parent._trace_id,
-            flags,
-            _EMPTY_STATE,
-            parent,
-            dict(attributes) if attributes else {},
-            [],
-            _time_ns(),
-            recording,
-            True,
-            True,
-        )
-        if recording:
-            for processor in self.processors:
-                processor.on_start(cast("Any", span), None)
+            self, name, kind, trace_id, flags, _EMPTY_STATE, parent, attributes, [], _time_ns(), recording, True, True
+        )  # fmt: skip
         span._activate = True
-        return span
+        return self._begun(span, None)
 
     def start_as_current_span(  # type: ignore[override]  # a context manager object, not a generator
         self,
