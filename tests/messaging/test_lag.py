@@ -35,8 +35,9 @@ import pytest
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Broker, Delivery, GroupChannel, GroupNotFound, Lag, connect
 from meshkit.testing import eventually
-from tests.messaging.kafka_server import TansuServer, free_port, tansu_binary
+from tests.messaging.kafka_server import TansuServer, tansu_binary
 from tests.redis_keys import fresh_prefix
+from tests.servers import free_port
 
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("MESHKIT_NATS_URL", "nats://127.0.0.1:4222")

