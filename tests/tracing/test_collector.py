@@ -28,6 +28,7 @@ from meshkit.tracing.collector import (
     SpanLink,
     SpanRecord,
     TraceStore,
+    _pieces,
     decode_otlp_json,
     decode_otlp_protobuf,
 )
@@ -223,6 +224,81 @@ def test_invalid_utf8_in_an_attribute_is_a_decode_error() -> None:
     assert body.count(b"@@@@") == 1
     with pytest.raises(OtlpDecodeError):
         decode_otlp_protobuf(body.replace(b"@@@@", b"\xff\xfe\xfd\xfc"))
+
+
+def test_the_first_span_with_a_bad_id_is_named() -> None:
+    """Ids are checked for a whole scope at once; the error still names the first bad span."""
+    cases: list[tuple[str, bytes, str]] = [
+        ("span_id", bytes(8), r"spans\[2\]: an id is all zeros"),
+        ("trace_id", bytes(16), r"spans\[2\]: an id is all zeros"),
+        ("parent_span_id", b"\x01" * 4, r"spans\[2\]: trace_id must be 16 bytes, span_id and parent_span_id 8"),
+        ("span_id", b"\x01" * 9, r"spans\[2\]: .* got 16, 9 and 0"),
+    ]
+    for field, value, message in cases:
+        spans = [span(T1 if n % 2 else T2, f"{n + 1:016x}", "x", 0, 1) for n in range(4)]
+        setattr(spans[2], field, value)
+        spans[3].span_id = bytes(8)  # a later bad span is not the one named
+        body = request(({}, spans)).SerializeToString()
+        with pytest.raises(OtlpDecodeError, match=message):
+            decode_otlp_protobuf(body)
+
+
+def test_roots_and_children_of_one_scope_keep_their_parents() -> None:
+    spans = [span(T1, "0000000000000001", "root", 0, 9)]
+    spans += [span(T1, f"{n + 2:016x}", "child", n, n + 1, parent="0000000000000001") for n in range(3)]
+    got = decode_otlp_protobuf(request(({}, spans)).SerializeToString())
+    assert [s.parent_span_id for s in got] == [None] + ["0000000000000001"] * 3
+    batch = SpanBatch.from_protobuf(request(({}, spans)).SerializeToString())
+    assert [bytes(t) for t in batch.groups[0].traces] == [bytes.fromhex(T1)]  # once per group
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(["k", "http.route", "url.path", "x" * 120]),
+            st.text(alphabet='ab"\\é\n', max_size=6) | st.integers(0, 3),
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_attributes_repeating_keys_and_lengths_decode_alike(attributes: list[dict[str, Any]]) -> None:
+    """Keys that repeat with values of one length share a cached head in the decoder: every value still comes
+    out as its own, escaped as JSON."""
+    spans = [span(T1, f"{n + 1:016x}", "x", 0, 1, attributes=a) for n, a in enumerate(attributes)]
+    body = request(({"service.name": "s"}, spans)).SerializeToString()
+    assert [s.attributes for s in decode_otlp_protobuf(body)] == attributes
+    batch = SpanBatch.from_protobuf(body)
+    assert SpanBatch.from_records(batch.records()).groups == batch.groups
+
+
+def test_a_span_ending_before_it_starts_is_stored_with_no_duration() -> None:
+    spans = [span(T1, "0000000000000001", "ok", 0, 5), span(T1, "0000000000000002", "skewed", 5, 2)]
+    batch = SpanBatch.from_protobuf(request(({}, spans)).SerializeToString())
+    assert [row[8] for row in batch.groups[0].rows] == [5 * MS, 0]  # the duration_ns column
+
+
+def test_a_key_value_with_more_than_a_string_takes_the_general_path() -> None:
+    """A KeyValue whose head was seen before, but with another field after its value, is not read as a string."""
+    first = span(T1, "0000000000000001", "x", 0, 1, attributes={"k": "ab"})
+    extra = kv("k", "cd").SerializeToString() + b"\x18\x01"  # an unknown field 3 after the value
+    base = span(T1, "0000000000000002", "x", 0, 1).SerializeToString()
+    second = Span.FromString(base + b"\x4a" + bytes([len(extra)]) + extra)
+    empty = span(T1, "0000000000000003", "x", 0, 1)
+    empty.attributes.add()  # key "", no value: encodes to no bytes at all
+    got = decode_otlp_protobuf(request(({}, [first, second, empty])).SerializeToString())
+    assert [s.attributes for s in got] == [{"k": "ab"}, {"k": "cd"}, {"": None}]
+
+
+def test_invalid_utf8_after_a_cached_head_is_a_decode_error() -> None:
+    spans = [span(T1, "0000000000000001", "x", 0, 1, attributes={"k": "ab"})]
+    spans.append(span(T1, "0000000000000002", "x", 0, 1, attributes={"k": "@@"}))
+    body = request(({}, spans)).SerializeToString()
+    assert body.count(b"@@") == 1
+    with pytest.raises(OtlpDecodeError):
+        decode_otlp_protobuf(body.replace(b"@@", b"\xff\xfe"))
 
 
 json_values = st.recursive(
@@ -735,3 +811,79 @@ def test_records_and_summaries_render_as_json() -> None:
     ]
     assert doc["duration_ns"] == 150 * MS
     assert json.loads(json.dumps(doc)) == doc
+
+
+@pytest.mark.anyio
+async def test_large_batches_are_stored_in_pieces(tmp_path: Path) -> None:
+    """Spans go in a few hundred per statement and trace ids a thousand per statement: every size of batch, over
+    and under those, is stored whole, once, with roots' parents NULL."""
+    path = tmp_path / "t.db"
+    async with await TraceStore.open(path, retention_seconds=None, max_spans=None) as store:
+        roots = [span(f"{n + 1:032x}", f"{n + 1:016x}", f"op{n % 3}", n, n + 1) for n in range(1100)]
+        children = [
+            span(f"{n + 1:032x}", f"{n + 5001:016x}", "child", n, n + 1, parent=f"{n + 1:016x}") for n in range(301)
+        ]
+        for size, new in ((1, 1), (255, 254), (256, 1), (257, 1)):
+            part = request(({"service.name": f"s{size}"}, roots[:size])).SerializeToString()
+            assert await store.ingest(part) == new
+        body = request(({"service.name": "big"}, roots + children)).SerializeToString()
+        assert await store.ingest(body) == 1401 - 257
+        assert await store.count() == 1401
+        assert await store.operations("big") == ["child", "op0", "op1", "op2"]
+        trace = await store.trace(f"{7:032x}")
+        assert [(s.name, s.parent_span_id) for s in trace] == [("op0", None), ("child", f"{7:016x}")]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM traces").fetchone() == (1100,)
+    assert db.execute("SELECT count(*) FROM spans WHERE parent_span_id IS NULL").fetchone() == (1100,)
+    assert db.execute("SELECT count(*) FROM spans WHERE length(parent_span_id) = 8").fetchone() == (301,)
+    db.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 3000), st.sampled_from([1, 2, 256, 1024]))
+def test_pieces_cover_the_rows_in_few_sizes(count: int, most: int) -> None:
+    pieces = list(_pieces(count, most))
+    assert [start for start, _ in pieces] == [sum(size for _, size in pieces[:n]) for n in range(len(pieces))]
+    assert sum(size for _, size in pieces) == count
+    sizes = {size for _, size in pieces}
+    assert all(size == most or (size < most and size & (size - 1) == 0) for size in sizes)
+
+
+@pytest.mark.anyio
+async def test_a_new_file_gets_large_pages_and_an_older_file_keeps_its_own(tmp_path: Path) -> None:
+    new, old, empty = tmp_path / "new.db", tmp_path / "old.db", tmp_path / "empty.db"
+    db = sqlite3.connect(old)  # as an older meshkit made it: SQLite's default page size
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE unrelated (x)")
+    db.close()
+    empty.touch()
+    for path in (new, old, empty):
+        async with await TraceStore.open(path, retention_seconds=None) as store:
+            assert await store.add(shop()) == 8
+            assert len(await store.trace(T1)) == 5
+    pages = {}
+    for path in (new, old, empty):
+        db = sqlite3.connect(path)
+        pages[path.name] = db.execute("PRAGMA page_size").fetchone()[0]
+        db.close()
+    assert pages == {"new.db": 16384, "old.db": 4096, "empty.db": 16384}
+
+
+@pytest.mark.anyio
+async def test_the_reader_thread_checkpoints_the_wal_beside_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans reach the database file itself while the store is open (not only its WAL): a checkpoint ran on the
+    reader thread. The writer's own automatic checkpoint would wait for 64 MiB of WAL."""
+    monkeypatch.setattr("meshkit.tracing.collector._CHECKPOINT_SPANS", 10)
+    path = tmp_path / "t.db"
+    async with await TraceStore.open(path, retention_seconds=None, max_spans=None) as store:
+        before = path.stat().st_size
+        for n in range(3):
+            await store.add([record(f"{n + 1:032x}", f"{m + 1:016x}", "s", "x", m, m + 1) for m in range(5)])
+        deadline = asyncio.get_running_loop().time() + 30
+        while path.stat().st_size <= before:
+            assert asyncio.get_running_loop().time() < deadline, "no checkpoint reached the database file"
+            await asyncio.sleep(0.01)
+        assert await store.count() == 15
+        assert len(await store.traces()) == 3
