@@ -4,6 +4,7 @@ rate limits (requests over real sockets), and the services' ``/_meshkit/resilien
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -57,6 +58,11 @@ routes:
     breaker: false
     plugins:
       - rate_limit: {{limit: 1, window: 1m, key: []}}
+  - name: busy
+    path: /busy
+    targets: ["{good}"]
+    breaker: false
+    max_concurrent: 1
 """
     if bff:
         text += f"""
@@ -117,7 +123,7 @@ async def test_the_gateway_rows_show_route_breakers_with_transitions_bff_clients
             assert (route_limit["kind"], route_limit["count"], route_limit["allowed"]) == ("rate_limited", 1, 1)
             every_route = by(rejections, policy="rate_limit", route=None)
             assert (every_route["count"], every_route["allowed"]) == (0, 8)  # 4 + 1 + 2 + 1 requests
-            bulkhead = by(rejections, kind="bulkhead_full")
+            bulkhead = by(rejections, kind="bulkhead_full", route="summary")
             assert (bulkhead["service"], bulkhead["route"], bulkhead["client"]) == ("gateway", "summary", "order")
 
             # the same figures as the admin API's plugin stats
@@ -128,13 +134,28 @@ async def test_the_gateway_rows_show_route_breakers_with_transitions_bff_clients
             limited = sorted(s["limited"] for s in stats.values())
             assert limited == sorted(r["count"] for r in rejections if r["kind"] == "rate_limited") == [0, 1]
 
+            # a route's max_concurrent refusals: one request held in flight (its body never ends), the next refused
+            busy = by(rejections, kind="bulkhead_full", route="busy")
+            assert (busy["count"], busy["limit"], busy["in_flight"]) == (0, 1, 0)
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"POST /busy HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+            try:
+                async with asyncio.timeout(10):
+                    while by(policies.rows()[1], route="busy")["in_flight"] != 1:  # noqa: ASYNC110 - the gateway's
+                        await asyncio.sleep(0.01)
+                assert await get(http, f"{base}/busy") == 503
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            busy = by(policies.rows()[1], kind="bulkhead_full", route="busy")
+            assert (busy["service"], busy["policy"], busy["count"]) == ("gateway", "route busy max_concurrent", 1)
+
         finally:
             policies.close()
         assert not any(r.breaker.events for r in gw.routes if r.breaker is not None), "close() stops listening"
 
 
 async def test_after_a_reload_the_new_route_breakers_are_watched_and_the_history_kept() -> None:
-    # (no BFF route here: a gateway closed within 30 s of a reload does not close the old BFF clients)
     config = parse_config(gateway_config("127.0.0.1:9", "127.0.0.1:9", bff=False))
     async with upstream(failing) as bad, gateway(gateway_config(bad.target, bad.target, bff=False)) as gw:
         policies = GatewayPolicies(gw)

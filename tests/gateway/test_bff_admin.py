@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshkit.gateway import ProxyRequest, Reply
+from meshkit.gateway import ProxyRequest, Reply, parse_config
+from meshkit.gateway.bff import Aggregation
 from tests.gateway.servers import Answer, Seen, gateway, upstream
 
 pytestmark = pytest.mark.anyio
@@ -118,6 +119,22 @@ async def test_a_python_hook_aggregates_when_config_is_not_enough() -> None:
             assert (status, body) == (200, {"line": "order 9 is paid", "client": "127.0.0.1"})
 
 
+async def test_closing_right_after_a_reload_closes_the_old_configs_bff_clients() -> None:
+    async with upstream(orders) as o, upstream(shipping) as sh:
+        config = bff_config(o.target, sh.target)
+        async with gateway(config) as gw:
+            status, _ = await fetch(f"http://127.0.0.1:{gw.port}/bff/mobile/orders/7")
+            assert status == 200  # the BFF clients opened their aiohttp sessions
+            old = [r.handler for r in gw.routes if isinstance(r.handler, Aggregation)]
+            opened = [c.transport._session for a in old for c in a.clients.values()]  # type: ignore[attr-defined]
+            sessions = [s for s in opened if s is not None]
+            assert len(sessions) == 2  # the mobile route's two calls
+            assert not any(s.closed for s in sessions)
+            assert await gw.reload(parse_config(config))
+            # the gateway closes within the old build's grace period
+        assert all(s.closed for s in sessions)
+
+
 async def test_the_admin_api_needs_its_token_and_reports_routes_upstreams_breakers_metrics() -> None:
     async with upstream(orders) as o, upstream(shipping) as sh:
         extra = f"""
@@ -148,6 +165,13 @@ routes:
             assert isinstance(body, dict)
             (stats,) = [v for k, v in body["plugins"].items() if k.startswith("rate_limit")]
             assert stats["allowed"] >= 1
+            # the same as the gateway's own plugin_stats(), which also says whose plugin it is
+            (entry,) = gw.plugin_stats()
+            assert (entry.key, entry.plugin, entry.route) == ("rate_limit#0", "rate_limit", "orders")
+            assert {entry.key: entry.stats} == body["plugins"]
+            status, body = await fetch(f"{admin}/admin/routes", headers=auth)
+            assert isinstance(body, dict)
+            assert body["routes"][0]["stats"] == {"bulkhead_full": 0} and body["routes"][0]["in_flight"] is None
             status, text = await fetch(f"{admin}/metrics", headers=auth)
             assert status == 200 and isinstance(text, str)
             assert 'meshkit_gateway_requests_total{route="orders",status="200"' in text

@@ -53,6 +53,28 @@ routes:
     assert "gw.yaml:1: listen.port" in two and "gw.yaml:2: limits.max_body" in two
 
 
+def test_static_targets_take_weights_and_bad_ones_name_their_line() -> None:
+    head = "routes:\n  - name: a\n    path: /\n    targets:\n"
+    loaded = parse_config(head + '      - "10.0.0.1:80"\n      - {address: "10.0.0.2:80", weight: 2.5}\n')
+    (spec,) = loaded.config.routes
+    assert [(t.address, t.weight) for t in spec.targets or ()] == [("10.0.0.1:80", 1.0), ("10.0.0.2:80", 2.5)]
+    assert error_of(head + '      - "10.0.0.1:80"\n      - {address: "10.0.0.2:80", weight: 0}\n') == (
+        "gw.yaml:6: routes[0].targets[1].weight: Input should be greater than 0"
+    )
+    assert error_of(head + '      - "10.0.0.1"\n') == "gw.yaml:5: routes[0].targets[0]: '10.0.0.1' is not host:port"
+    two = error_of(head + '      - "10.0.0.1:80"\n      - address: "10.0.0.2:x"\n        weight: lots\n')
+    assert two.startswith("2 problems in gw.yaml:")
+    assert "gw.yaml:6: routes[0].targets[1].address: '10.0.0.2:x' is not host:port" in two
+    assert "gw.yaml:7: routes[0].targets[1].weight: Input should be a valid number" in two
+    assert error_of(head + "      - {address: 10.0.0.1:80, wieght: 2}\n") == (
+        "gw.yaml:5: routes[0].targets[0].wieght: unknown key"
+    )
+    assert error_of(head + "      - 80\n").startswith("gw.yaml:5: routes[0].targets[0]: 80 is not a target")
+    assert error_of(head + '      - "10.0.0.1:80"\n      - {address: "10.0.0.1:80", weight: 2}\n') == (
+        "gw.yaml:4: routes[0].targets: '10.0.0.1:80' is listed twice (give it a weight instead)"
+    )
+
+
 async def test_plugin_and_route_errors_name_their_line() -> None:
     text = """listen: {port: 0}
 routes:

@@ -240,8 +240,110 @@ async def test_max_concurrent_sheds_load_with_503() -> None:
     def slow(seen: Seen) -> Answer:
         return Answer(200, b"ok", delay=0.5)
 
-    async with upstream(slow) as up, gateway(routes(route("all", up.target, path="/", max_concurrent="2"))) as gw:
+    config = "admin: {port: 0, token: t}\n" + routes(route("all", "{t}", path="/", max_concurrent="2"))
+    async with upstream(slow) as up, gateway(config.replace("{t}", up.target)) as gw:
         results = await asyncio.gather(*(get(gw.port, f"/{i}") for i in range(6)))
         codes = sorted(r[0] for r in results)
         assert codes.count(200) == 2
         assert codes.count(503) == 4
+        # the refusals are counted in the route's stats, which the admin API reports with the route
+        assert gw.routes[0].stats == {"bulkhead_full": 4}
+        assert gw.admin_port is not None
+        status, _, body = await get(gw.admin_port, "/admin/routes", headers={"authorization": "Bearer t"})
+        assert status == 200
+        (listed,) = json.loads(body)["routes"]
+        assert (listed["max_concurrent"], listed["in_flight"], listed["stats"]) == (2, 0, {"bulkhead_full": 4})
+
+
+async def test_clients_that_leave_mid_exchange_do_not_open_the_breaker_or_eject_the_upstream() -> None:
+    # an upstream that answers /ok at once, never answers /silent and starts /partial's body but never ends it
+    arrived: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                arrived.append(path)
+                if path == "/ok":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    continue
+                if path == "/partial":
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\npartial\r\n")
+                await reader.read()  # until the gateway gives up on this connection
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    servers = [await asyncio.start_server(serve, "127.0.0.1", 0) for _ in range(2)]
+    targets = ", ".join(f'"127.0.0.1:{s.sockets[0].getsockname()[1]}"' for s in servers)
+    config = routes(
+        route(
+            "all",
+            "x",
+            path="/",
+            retries="0",
+            balancer="round_robin",
+            breaker="{failure_rate: 50, window: 4, minimum_calls: 4, wait: 1m, half_open_calls: 1}",
+        ).replace('["x"]', f"[{targets}]")
+    )
+    try:
+        async with gateway(config) as gw:
+
+            async def leave(path: str) -> None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+                async with asyncio.timeout(10):
+                    if path == "/partial":
+                        await reader.readuntil(b"partial")  # mid-response
+                    else:
+                        while path not in arrived:  # noqa: ASYNC110 - waiting for the upstream to have it
+                            await asyncio.sleep(0.01)
+                writer.close()
+                await writer.wait_closed()
+
+            count = len(arrived)
+            await asyncio.gather(*(leave("/partial" if i % 2 else "/silent") for i in range(12)))
+            assert len(arrived) == count + 12
+            route_ = gw.routes[0]
+            assert route_.upstream is not None and route_.breaker is not None
+            async with asyncio.timeout(10):
+                while route_.upstream.client.outstanding:  # noqa: ASYNC110 - the gateway sees the clients leave
+                    await asyncio.sleep(0.01)
+            metrics = route_.breaker.metrics()
+            assert (str(metrics.state), metrics.failed_calls) == ("closed", 0)
+            # 6 cancelled calls each: more than outlier detection's 5 errors in a row, yet both stay in rotation
+            assert len(route_.upstream.client.rotation) == 2
+            for _ in range(6):
+                assert (await get(gw.port, "/ok"))[0] == 200
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("balancer", "low", "high"),
+    [
+        ("round_robin", 0.15, 0.35),  # weights 1:3: a quarter of the requests to the light target
+        ("random", 0.15, 0.35),
+        # the load-aware balancers weigh the requests in flight: one at a time, the heavy target never looks busier
+        ("p2c", 0.0, 0.0),
+        ("least_outstanding", 0.0, 0.0),
+    ],
+)
+async def test_static_targets_share_the_requests_by_their_weights(balancer: str, low: float, high: float) -> None:
+    async with upstream() as light, upstream() as heavy:
+        config = (
+            "listen: {port: 0}\nroutes:\n  - name: all\n    path: /\n"
+            f'    targets: ["{light.target}", {{address: "{heavy.target}", weight: 3}}]\n'
+            f"    balancer: {balancer}\n"
+        )
+        async with gateway(config) as gw, aiohttp.ClientSession() as s:
+            for i in range(400):
+                async with s.get(f"http://127.0.0.1:{gw.port}/{i}") as r:
+                    assert r.status == 200
+        assert len(light.seen) + len(heavy.seen) == 400
+        assert low <= len(light.seen) / 400 <= high, (len(light.seen), len(heavy.seen))

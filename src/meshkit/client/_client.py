@@ -687,16 +687,18 @@ class ServiceClient:
         self._outstanding[iid] = self._outstanding.get(iid, 0) + 1
         return instance
 
-    def release(self, instance: Instance, status: int | None) -> None:
+    def release(self, instance: Instance, status: int | None, *, counted: bool = True) -> None:
         """The attempt on ``instance`` ended with ``status`` (``None``: no answer: refused, reset, timed out):
-        outstanding count and outlier detection, as for the client's own calls."""
+        outstanding count and outlier detection, as for the client's own calls. ``counted=False``: the attempt was
+        abandoned by the caller (a client that went away), which says nothing about the instance: only the
+        outstanding count is given back."""
         iid = instance.id
         left = self._outstanding.get(iid, 1) - 1
         if left > 0:
             self._outstanding[iid] = left
         else:
             self._outstanding.pop(iid, None)
-        member = self._members.get(iid)
+        member = self._members.get(iid) if counted else None
         if member is not None:
             self._outcome(member, status)
 

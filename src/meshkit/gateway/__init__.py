@@ -1,4 +1,5 @@
-"""meshkit's API gateway: a protocol-level HTTP/1.1 proxy with routes, discovery, resilience and plugins.
+"""meshkit's API gateway: a protocol-level HTTP/1.1 proxy (HTTP/2 for clients over TLS) with routes, discovery,
+resilience and plugins.
 
 ``meshkit gateway --config gateway.yaml`` runs one; ``meshkit run`` puts one in front of a system's services when
 its ``meshkit.toml`` names a gateway config. In code::
@@ -11,7 +12,7 @@ its ``meshkit.toml`` names a gateway config. In code::
 docs/gateway.md is the reference: config, plugins, BFF routes, admin API, hardening, benchmarks.
 """
 
-from meshkit.gateway.app import Gateway, builtin_plugins
+from meshkit.gateway.app import Gateway, PluginStats, builtin_plugins
 from meshkit.gateway.config import GatewayConfig, LoadedConfig, load_config, parse_config
 from meshkit.gateway.plugin import Headers, Plugin, PluginContext, ProxyRequest, Reply, ResponseHead
 
@@ -22,6 +23,7 @@ __all__ = [
     "LoadedConfig",
     "Plugin",
     "PluginContext",
+    "PluginStats",
     "ProxyRequest",
     "Reply",
     "ResponseHead",

@@ -47,10 +47,11 @@ from meshkit.gateway.router import PathMatcher, Router
 from meshkit.gateway.server import Limits, Route, Server, Upstream
 from meshkit.resilience import BreakerState, CircuitBreaker
 
-__all__ = ["Gateway", "builtin_plugins"]
+__all__ = ["Gateway", "PluginStats", "builtin_plugins"]
 
 log = logging.getLogger(__name__)
 
+_RETIRE_GRACE = 30.0  # seconds an old build stays open after a reload (requests in flight finish with it)
 _BUILTIN_MODULES = (
     "meshkit.gateway.auth",
     "meshkit.gateway.ratelimit",
@@ -73,6 +74,20 @@ def builtin_plugins() -> dict[str, type[Plugin]]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class PluginStats:
+    """One plugin's ``stats()`` (see :meth:`Gateway.plugin_stats`).
+
+    ``key``: ``name#index`` (the plugin's place in the config, as ``/admin/stats`` names it); ``plugin``: its
+    name (``rate_limit``); ``route``: the route (or BFF route) whose ``plugins`` list it is in, ``None`` for a
+    global one (every route runs it)."""
+
+    key: str
+    plugin: str
+    route: str | None
+    stats: dict[str, Any]
+
+
 @dataclass(slots=True)
 class _Built:
     """Everything one config load made: dropped as a whole on reload."""
@@ -82,6 +97,7 @@ class _Built:
     contexts: list[PluginContext]
     clients: set[str]
     bff_clients: list[ServiceClient] = field(default_factory=list)
+    owners: list[str | None] = field(default_factory=list)  # the route of each of ``plugins`` (None: global)
 
 
 class Gateway:
@@ -117,6 +133,7 @@ class Gateway:
         self._watch: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self._retired: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()  # ends the retirement grace period of old builds at once
         self._reloads: set[asyncio.Task[bool]] = set()
         self.reloads = 0
 
@@ -214,8 +231,17 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
         self._servers.clear()
-        for pending in (*self._retired, *self._reloads):
-            pending.cancel()
+        for reload in list(self._reloads):
+            reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reload
+        # builds kept for a grace period after a reload are disposed of now, not left open
+        self._closing.set()
+        for retire in list(self._retired):
+            try:
+                await retire
+            except Exception:
+                log.exception("gateway: closing what an earlier config made failed")
         if self._built is not None:
             await self._dispose(self._built, set())
             self._built = None
@@ -264,8 +290,11 @@ class Gateway:
             return True
 
     async def _retire(self, old: _Built, keep: set[str]) -> None:
-        """Close what the old config made once requests in flight had time to finish with it."""
-        await asyncio.sleep(30.0)
+        """Close what the old config made once requests in flight had time to finish with it (or at once when
+        the gateway closes)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_RETIRE_GRACE):
+                await self._closing.wait()
         await self._dispose(old, keep)
 
     async def _dispose(self, built: _Built, keep: set[str]) -> None:
@@ -335,7 +364,7 @@ class Gateway:
             if exc.__cause__ is None and loaded.source not in str(exc):
                 raise ConfigurationError(f"{loaded.source}: {exc}", hint=exc.hint) from None
             raise
-        except Exception:
+        except BaseException:  # cancelled too (a reload the gateway's closing cancels): nothing made is left open
             await self._dispose(built, set(self._clients))
             raise
         return built
@@ -375,6 +404,7 @@ class Gateway:
                 raise ConfigurationError(f"{loaded.where(here)}: {name}: {exc}") from None
             out.append(plugin)
             built.plugins.append(plugin)
+            built.owners.append(route)
         return out
 
     async def _route(
@@ -412,7 +442,7 @@ class Gateway:
         route = Route(
             spec.name,
             matcher,
-            upstream=Upstream(spec.service or ",".join(spec.targets or ()), client),
+            upstream=Upstream(spec.service or ",".join(t.address for t in spec.targets or ()), client),
             hosts=frozenset(h.lower() for h in spec.hosts) if spec.hosts else None,
             methods=frozenset(spec.methods) if spec.methods else None,
             headers=tuple(conditions),
@@ -431,7 +461,7 @@ class Gateway:
         if target.service is not None:
             key = f"service:{target.service}:{target.balancer}"
         else:
-            key = f"static:{','.join(target.targets or ())}:{target.balancer}"
+            key = f"static:{_static_name(target)}:{target.balancer}"
         client = self._clients.get(key)
         if client is None:
             options = ClientOptions(balancer=target.balancer, retry=None, breaker=None, bulkhead=None)
@@ -445,14 +475,29 @@ class Gateway:
         return key, client
 
     async def _static_service(self, target: _Target) -> str:
-        targets = target.targets or ()
-        name = "static-" + "-".join(t.replace(":", "_") for t in targets)
-        for t in targets:
-            host, _, port = t.rpartition(":")
-            instance = Instance(name, t, host.strip("[]"), int(port))
-            if not any(i.id == t for i in await self._static.list(name, healthy_only=False)):
+        """The static targets as instances of a service of the gateway's own registry (weights as the ``weight``
+        metadata the balancers honour); its name says the addresses and weights, so it is registered once."""
+        name = _static_name(target)
+        for t in target.targets or ():
+            host, _, port = t.address.rpartition(":")
+            metadata = {"weight": repr(t.weight)} if t.weight != 1 else {}
+            instance = Instance(name, t.address, host.strip("[]"), int(port), metadata=metadata)
+            if not any(i.id == t.address for i in await self._static.list(name, healthy_only=False)):
                 await self._static.register(instance, ttl=10 * 365 * 86400.0, keepalive=False)
         return name
+
+    def plugin_stats(self) -> list[PluginStats]:
+        """The ``stats()`` of every plugin of the current config that has them (rate limits, caches...), in
+        config order: global plugins first, then each route's. What ``/admin/stats`` serves."""
+        built = self._built
+        if built is None:
+            return []
+        out = []
+        for index, (plugin, route) in enumerate(zip(built.plugins, built.owners, strict=True)):
+            stats = getattr(plugin, "stats", None)
+            if callable(stats):
+                out.append(PluginStats(f"{plugin.name}#{index}", plugin.name, route, stats()))
+        return out
 
     def _breaker_states(self) -> list[tuple[str, int]]:
         states = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -505,6 +550,9 @@ class Gateway:
                     "plugins": [p.name for p in r.plugins],
                     "timeout": r.timeout,
                     "retries": r.retries,
+                    "max_concurrent": r.max_concurrent,
+                    "in_flight": r.in_flight if r.max_concurrent is not None else None,  # counted only then
+                    "stats": {"bulkhead_full": 0, **r.stats},
                 }
             )
         return Reply.json(200, {"routes": out, "reloads": self.reloads})
@@ -552,13 +600,7 @@ class Gateway:
         return Reply.json(200, {"breakers": out})
 
     async def _admin_stats(self, req: ProxyRequest, body: bytes) -> Reply:
-        out: dict[str, Any] = {}
-        built = self._built
-        for index, plugin in enumerate(built.plugins if built is not None else []):
-            stats = getattr(plugin, "stats", None)
-            if callable(stats):
-                out[f"{plugin.name}#{index}"] = stats()
-        return Reply.json(200, {"plugins": out})
+        return Reply.json(200, {"plugins": {s.key: s.stats for s in self.plugin_stats()}})
 
     async def _admin_purge(self, req: ProxyRequest, body: bytes) -> Reply:
         prefix = None
@@ -580,6 +622,15 @@ class Gateway:
         if await self.reload():
             return Reply.json(200, {"reloaded": True, "routes": len(self.routes)})
         return Reply.error(422, "the config file is not valid; the running config stays (see the gateway's log)")
+
+
+def _static_name(target: _Target) -> str:
+    """``static-10.0.0.1_80-10.0.0.2_80w3``: the service the static targets of ``target`` make."""
+    parts = []
+    for t in target.targets or ():
+        weight = "" if t.weight == 1 else str(int(t.weight)) if t.weight.is_integer() else repr(t.weight)
+        parts.append(t.address.replace(":", "_") + (f"w{weight}" if weight else ""))
+    return "static-" + "-".join(parts)
 
 
 def _breaker(route: str, spec: BreakerConfig) -> CircuitBreaker:

@@ -49,6 +49,7 @@ __all__ = [
     "GatewayConfig",
     "ListenConfig",
     "RouteConfig",
+    "StaticTarget",
     "load_config",
     "parse_config",
     "parse_seconds",
@@ -171,24 +172,60 @@ class BreakerConfig(_Model):
     half_open_calls: int = Field(default=3, ge=1)
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+class StaticTarget(_Model):
+    """One static target: ``address`` (``host:port``) and its ``weight`` (it gets about ``weight`` times the
+    requests of a target of weight 1, as an instance's ``weight`` metadata in the registry does). In YAML a plain
+    ``"host:port"`` string is a target of weight 1."""
+
+    address: str
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _host_port(value)
+
+
+def _static_target(value: object) -> object:
+    """For pydantic: ``"host:port"`` is ``{address: "host:port"}`` (checked here, so its error names the item)."""
+    if isinstance(value, str):
+        return StaticTarget(address=_host_port(value))
+    if not isinstance(value, dict | StaticTarget):
+        hint = 'use "host:port" or {address: "host:port", weight: 2}'
+        raise ValueError(f"{value!r} is not a target: {hint}")  # noqa: TRY004 - pydantic reports ValueErrors
+    return value
+
+
+TargetItem = Annotated[StaticTarget, BeforeValidator(_static_target, json_schema_input_type=str | StaticTarget)]
+
+
 class _Target(_Model):
-    """Where a route or a BFF call goes: a ``service`` name (the registry) or static ``targets``."""
+    """Where a route or a BFF call goes: a ``service`` name (the registry) or static ``targets`` (``"host:port"``
+    strings, or ``{address: "host:port", weight: 3}`` mappings)."""
 
     service: str | None = None
-    targets: list[str] | None = None
+    targets: list[TargetItem] | None = None
     balancer: Literal["p2c", "round_robin", "random", "least_outstanding"] = "p2c"
 
     @field_validator("targets")
     @classmethod
-    def _targets(cls, value: list[str] | None) -> list[str] | None:
+    def _targets(cls, value: list[StaticTarget] | None) -> list[StaticTarget] | None:
         if value is None:
             return None
         if not value:
             raise ValueError("targets needs at least one host:port")
+        seen: set[str] = set()
         for target in value:
-            host, sep, port = target.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{target!r} is not host:port")
+            if target.address in seen:
+                raise ValueError(f"{target.address!r} is listed twice (give it a weight instead)")
+            seen.add(target.address)
         return value
 
 

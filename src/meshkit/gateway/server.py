@@ -125,6 +125,8 @@ class Route:
     done_hooks: tuple[Callable[[ProxyRequest, int, float], None], ...] = ()
     buffer_request: bool = False
     buffer_response: bool = False
+    #: counters of what the route refused itself: ``bulkhead_full`` (503s because ``max_concurrent`` requests were
+    #: in flight); the admin API's ``/admin/routes`` reports them
     stats: dict[str, int] = field(default_factory=dict)
 
     def compile(self, global_plugins: Sequence[Plugin] = ()) -> Route:
@@ -1005,6 +1007,7 @@ class _Exchange:
             if route.max_concurrent is not None:
                 if route.in_flight >= route.max_concurrent:
                     self._release_breaker()
+                    route.stats["bulkhead_full"] = route.stats.get("bulkhead_full", 0) + 1
                     self.reply(Reply.error(503, f"too many requests in flight on route {route.name!r}"))
                     return
                 route.in_flight += 1
@@ -1374,18 +1377,23 @@ class _Exchange:
         if ticket is not None and route is not None and route.breaker is not None:
             route.breaker.release(ticket)
 
-    def _finish_upstream(self, status: int | None, *, released: bool = False) -> None:
-        """Account for the upstream part once: instance outcome, breaker, bulkhead."""
+    def _finish_upstream(self, status: int | None, *, released: bool = False, counted: bool = True) -> None:
+        """Account for the upstream part once: instance outcome, breaker, bulkhead. ``counted=False``: the
+        exchange ended for a reason that says nothing about the upstream (the client left): the instance and the
+        breaker permit are given back without an outcome."""
         route = self.route
         if route is None or route.upstream is None or self.attempts == 0:
             return
         self.client.server.exchanges.discard(self)
         if self.instance is not None and not released:
-            route.upstream.client.release(self.instance, status)
+            route.upstream.client.release(self.instance, status, counted=counted)
             self.instance = None
         ticket, self.breaker_ticket = self.breaker_ticket, None
         if ticket is not None and route.breaker is not None:
-            route.breaker.on_result(ticket, failed=status is None or status >= 500)
+            if counted:
+                route.breaker.on_result(ticket, failed=status is None or status >= 500)
+            else:
+                route.breaker.release(ticket)
         if route.max_concurrent is not None:
             route.in_flight -= 1
         self.attempts = 0
@@ -1410,10 +1418,12 @@ class _Exchange:
             self.client.server.observer.request_done("", "", status, elapsed)
 
     def client_gone(self) -> None:
-        """The client closed its connection: stop the upstream side of this exchange."""
+        """The client closed its connection (or reset its HTTP/2 stream): stop the upstream side of this exchange.
+        A client leaving says nothing about the upstream: neither the route's breaker nor outlier detection count
+        it (clients that cancel would otherwise open the breaker of a healthy upstream)."""
         if self.up is not None or self.instance is not None:
             self.abandon_upstream()
-            self._finish_upstream(None)
+            self._finish_upstream(None, counted=False)
         self.client.server.exchanges.discard(self)
 
     def pause_upstream(self, paused: bool) -> None:

@@ -145,8 +145,9 @@ async def system_dashboard(
 
 
 class GatewayPolicies:
-    """The gateway's resilience as dashboard rows: its route breakers, the breakers and bulkheads of its BFF
-    clients, and its ``rate_limit`` plugins' refusals (their ``stats()``, as the admin API's ``/admin/stats``).
+    """The gateway's resilience as dashboard rows: its route breakers and ``max_concurrent`` refusals, the breakers
+    and bulkheads of its BFF clients, and its ``rate_limit`` plugins' refusals (:meth:`Gateway.plugin_stats`, what
+    the admin API's ``/admin/stats`` serves).
 
     Breaker transitions and rejection times are recorded from the moment a policy is first seen: :meth:`rows`
     looks for new ones (a reload builds new routes) before it reads. :meth:`close` stops listening.
@@ -201,7 +202,7 @@ class GatewayPolicies:
                 more, refused = client_policies(f"bff {route.name}: ", clients, self.log, kind="bff client", **where)
                 breakers.extend(more)
                 rejections.extend(refused)
-        return breakers, rejections + _rate_limits(self.gateway)
+        return breakers, rejections + _route_bulkheads(self.gateway) + _rate_limits(self.gateway)
 
 
 def _bff_clients(route: Route) -> Mapping[str, ServiceClient] | None:
@@ -211,33 +212,44 @@ def _bff_clients(route: Route) -> Mapping[str, ServiceClient] | None:
 
 
 def _rate_limits(gateway: Gateway) -> list[dict[str, Any]]:
-    """A row per ``rate_limit`` plugin: requests refused (``count``) and let through (``allowed``). A plugin of
-    one route is found in its ``plugins``; a global one (``route`` None) in the request hooks every route runs."""
-    rows: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for route in gateway.routes:
-        own = {id(p) for p in route.plugins}
-        hooked = [getattr(hook, "__self__", None) for _, hook in route.request_hooks]
-        for plugin in (*route.plugins, *hooked):
-            stats = getattr(plugin, "stats", None)
-            if getattr(plugin, "name", None) != "rate_limit" or not callable(stats) or id(plugin) in seen:
-                continue
-            seen.add(id(plugin))
-            numbers = stats()
-            rows.append(
-                {
-                    "service": "gateway",
-                    "instance": None,
-                    "route": route.name if id(plugin) in own else None,
-                    "policy": "rate_limit",
-                    "kind": "rate_limited",
-                    "count": numbers.get("limited", 0),
-                    "allowed": numbers.get("allowed", 0),
-                    "last": None,
-                    "backend": numbers.get("backend"),
-                }
-            )
-    return rows
+    """A row per ``rate_limit`` plugin (from :meth:`Gateway.plugin_stats`, as ``/admin/stats``): requests refused
+    (``count``) and let through (``allowed``); ``route`` None for a global plugin (every route runs it)."""
+    return [
+        {
+            "service": "gateway",
+            "instance": None,
+            "route": entry.route,
+            "policy": "rate_limit",
+            "kind": "rate_limited",
+            "count": entry.stats.get("limited", 0),
+            "allowed": entry.stats.get("allowed", 0),
+            "last": None,
+            "backend": entry.stats.get("backend"),
+        }
+        for entry in gateway.plugin_stats()
+        if entry.plugin == "rate_limit"
+    ]
+
+
+def _route_bulkheads(gateway: Gateway) -> list[dict[str, Any]]:
+    """A row per route with ``max_concurrent``: the requests it refused with 503 because that many were in flight
+    (shaped as a client bulkhead's row)."""
+    return [
+        {
+            "service": "gateway",
+            "instance": None,
+            "route": route.name,
+            "policy": f"route {route.name} max_concurrent",
+            "kind": "bulkhead_full",
+            "count": route.stats.get("bulkhead_full", 0),
+            "last": None,
+            "in_flight": route.in_flight,
+            "waiting": 0,
+            "limit": route.max_concurrent,
+        }
+        for route in gateway.routes
+        if route.max_concurrent is not None
+    ]
 
 
 ResilienceReport = dict[str, Any]
