@@ -539,6 +539,7 @@ async def test_replay_and_discard_refuse_without_confirm_and_are_audited(
             "requested": 2,
             "count": 1,
             "error": None,
+            "client": "127.0.0.1",
         },
         {
             "time": WALL,
@@ -548,6 +549,7 @@ async def test_replay_and_discard_refuse_without_confirm_and_are_audited(
             "requested": 1,
             "count": 1,
             "error": None,
+            "client": "127.0.0.1",
         },
     ]
     assert [e.action for e in dashboard.audit] == ["replay", "discard"]

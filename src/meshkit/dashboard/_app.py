@@ -17,12 +17,15 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._core.optional import require
@@ -31,7 +34,7 @@ from meshkit.dashboard._logs import LogBuffer
 from meshkit.dashboard._model import ServiceInfo, TraceTree, topology
 from meshkit.dashboard._openapi import OpenApiCache
 from meshkit.discovery import Instance, Registry
-from meshkit.errors import Unavailable
+from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Broker, GroupNotFound, Message
 from meshkit.tracing.collector import STATUS_CODES, SpanRecord, TraceStore
 
@@ -81,12 +84,14 @@ _REASONS: Final = {
 }
 _MAX_BODY = 256 * 1024  # bytes of a POST body
 _MAX_DATA_TEXT = 20_000  # characters of a dead letter's data shown
+_AUDIT_BLOCK = 64 * 1024  # bytes read at a time from the end of the audit file
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One replay or discard done through the dashboard. ``count`` is how many messages it settled; ``error`` says
-    why it failed (then ``count`` is 0)."""
+    """One replay or discard done through the dashboard, at ``time`` (Unix seconds). ``count`` is how many messages
+    it settled; ``error`` says why it failed (then ``count`` is 0); ``client`` is the address the request came from
+    (the dashboard has no users: behind a proxy, the proxy's)."""
 
     time: float
     action: str
@@ -94,8 +99,10 @@ class AuditEntry:
     ids: tuple[str, ...]
     count: int
     error: str | None = None
+    client: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as ``/api/audit`` serves it and the audit file stores it (one line each)."""
         return {
             "time": self.time,
             "action": self.action,
@@ -104,7 +111,28 @@ class AuditEntry:
             "requested": len(self.ids),
             "count": self.count,
             "error": self.error,
+            "client": self.client,
         }
+
+    @classmethod
+    def from_json(cls, document: Any) -> AuditEntry:
+        """The entry :meth:`to_json` gave (``requested`` is derived, so ignored); TypeError if it is not one."""
+        if not isinstance(document, dict):
+            raise TypeError("an audit entry is a JSON object")
+        time, ids, count = document.get("time"), document.get("ids"), document.get("count")
+        action, topic = document.get("action"), document.get("topic")
+        error, client = document.get("error"), document.get("client")
+        if not isinstance(time, int | float) or isinstance(time, bool) or not math.isfinite(time):
+            raise TypeError(f"time must be a number of seconds, got {time!r}")
+        if not isinstance(action, str) or not isinstance(topic, str):
+            raise TypeError("action and topic must be strings")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise TypeError("ids must be a list of strings")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise TypeError(f"count must be an integer, got {count!r}")
+        if not isinstance(error, str | None) or not isinstance(client, str | None):
+            raise TypeError("error and client must be strings or null")
+        return cls(float(time), action, topic, tuple(ids), count, error, client)
 
 
 class _ApiError(Exception):
@@ -123,6 +151,10 @@ class DashboardApp:
     OpenAPI documents are cached ``openapi_ttl`` seconds per service; the service map ``topology_ttl`` seconds, and
     it reads ``topology_sample`` recent traces per called service to tell calls from messages. Listing or settling
     dead letters handles at most ``dlq_limit`` messages per request; the audit log keeps ``audit_size`` entries.
+    With ``audit_path``, every audit entry is also appended to that file (JSON lines, flushed to disk before the
+    request answers) and the file's last ``audit_size`` entries are read back here, so the audit outlives the
+    process; a line that is not an entry is skipped with a warning, a file that cannot be read raises
+    :class:`~meshkit.errors.ConfigurationError`.
 
     Serve it like any ASGI app (``uvicorn.Config(dashboard, lifespan="on")``) or mount it under a path; close it
     with :meth:`aclose` (its lifespan shutdown does that too).
@@ -145,6 +177,7 @@ class DashboardApp:
         topology_sample: int = 5,
         dlq_limit: int = 1000,
         audit_size: int = 1000,
+        audit_path: Path | None = None,
     ) -> None:
         if dlq_limit < 1 or audit_size < 1 or topology_sample < 0:
             raise ValueError("dlq_limit and audit_size must be at least 1, topology_sample at least 0")
@@ -162,6 +195,13 @@ class DashboardApp:
         self._topology_cache: dict[float | None, tuple[float, dict[str, Any]]] = {}
         self._dlq_limit = dlq_limit
         self._audit: deque[AuditEntry] = deque(maxlen=audit_size)
+        self._audit_path = audit_path
+        # appends run on worker threads: the asyncio lock keeps them in order, the thread lock keeps one that
+        # outlives its cancelled request from interleaving with the next
+        self._audit_order = asyncio.Lock()
+        self._audit_file_lock = threading.Lock()
+        if audit_path is not None:
+            self._audit.extend(_read_audit(audit_path, audit_size))
         self._dlq_locks: dict[str, asyncio.Lock] = {}
         self._assets: dict[str, tuple[bytes, str]] = {}
         self._closed = False
@@ -181,8 +221,11 @@ class DashboardApp:
         return list(self._audit)
 
     async def aclose(self) -> None:
-        """Close the dashboard's own resources (the sources it was given stay open). Idempotent."""
+        """Close the dashboard's own resources (the sources it was given stay open), after the audit entry being
+        written, if any. Idempotent."""
         self._closed = True
+        async with self._audit_order:
+            pass
         await self._openapi.aclose()
 
     # -- the app ---------------------------------------------------------------------------------------------------
@@ -240,7 +283,7 @@ class DashboardApp:
 
     def _json(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
         responses = require("starlette.responses", "service")
-        text = json.dumps(_finite(body), ensure_ascii=False, separators=(",", ":"), default=str)
+        text = _dumps(body, separators=(",", ":"))
         response: Response = responses.Response(
             text.encode(),
             status_code=status,
@@ -515,6 +558,7 @@ class DashboardApp:
         topic = request.path_params["topic"]
         broker = self._check_topic(topic)
         ids = await self._settle_ids(request)
+        client = request.client.host if request.client else None
         dead = broker.dead_letters(topic)
         try:
             async with self._dlq_lock(topic):
@@ -523,11 +567,10 @@ class DashboardApp:
                 else:
                     count = await dead.discard(ids, limit=self._dlq_limit)
         except Exception as exc:
-            self._audit.append(
-                AuditEntry(self.clock.wall(), action, topic, tuple(ids), 0, f"{type(exc).__name__}: {exc}")
-            )
+            error = f"{type(exc).__name__}: {exc}"
+            await self._record(AuditEntry(self.clock.wall(), action, topic, tuple(ids), 0, error, client))
             raise
-        self._audit.append(AuditEntry(self.clock.wall(), action, topic, tuple(ids), count))
+        await self._record(AuditEntry(self.clock.wall(), action, topic, tuple(ids), count, client=client))
         log.info(
             "dead letters settled from the dashboard",
             extra={"action": action, "topic": topic, "requested": len(ids), "count": count},
@@ -561,6 +604,22 @@ class DashboardApp:
     async def _audit_api(self, request: Request) -> dict[str, Any]:
         return {"entries": [e.to_json() for e in reversed(self._audit)]}
 
+    async def _record(self, entry: AuditEntry) -> None:
+        """Keep ``entry`` and append it to the audit file. The action is done by now: a file that cannot be
+        written is logged as an error rather than failing the request (the entry stays in memory)."""
+        self._audit.append(entry)
+        if self._audit_path is None:
+            return
+        line = json.dumps(entry.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            async with self._audit_order:
+                await asyncio.to_thread(_append_line, self._audit_path, line.encode(), self._audit_file_lock)
+        except OSError:
+            log.exception(
+                "could not write to the dashboard's audit file",
+                extra={"path": str(self._audit_path), "action": entry.action, "topic": entry.topic},
+            )
+
     # -- logs ------------------------------------------------------------------------------------------------------
 
     async def _logs_api(self, request: Request) -> dict[str, Any]:
@@ -587,6 +646,74 @@ class DashboardApp:
             "truncated": page.truncated,
             "services": self.logs.services(),
         }
+
+
+# -- the audit file ------------------------------------------------------------------------------------------------
+
+
+def _append_line(path: Path, line: bytes, lock: threading.Lock) -> None:
+    """Append ``line`` to ``path`` and flush it to disk. A last line cut short (the process died while writing it)
+    is ended first, so that only it is lost, not the entry written after it."""
+    with lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+b") as file:
+            end = file.seek(0, os.SEEK_END)
+            if end:
+                file.seek(end - 1)
+                if file.read(1) != b"\n":
+                    line = b"\n" + line
+            file.write(line)  # append mode: at the end, whatever the position
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def _read_audit(path: Path, size: int) -> list[AuditEntry]:
+    """The last ``size`` entries of the audit file at ``path``, oldest first (none if it does not exist). The file
+    is read from its end, so starting costs the same however long the history is."""
+    entries: list[AuditEntry] = []
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return entries
+    except OSError as exc:  # a directory, no permission: the audit would be lost, so say it at once
+        raise ConfigurationError(
+            f"cannot read the dashboard's audit file {path}: {exc}", hint="audit_path must name a readable file"
+        ) from exc
+    with file:
+        for offset, raw in _lines_backwards(file):
+            if not raw.strip():
+                continue
+            try:
+                entries.append(AuditEntry.from_json(json.loads(raw)))
+            except (ValueError, TypeError) as exc:  # not JSON (or not UTF-8), or not an entry
+                log.warning(
+                    "skipped a line of the dashboard's audit file that is not an audit entry",
+                    extra={"path": str(path), "offset": offset, "reason": str(exc)},
+                )
+                continue
+            if len(entries) == size:
+                break
+    entries.reverse()
+    return entries
+
+
+def _lines_backwards(file: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """The lines of a binary ``file``, last first, each with the byte offset where it starts."""
+    position = file.seek(0, os.SEEK_END)
+    partial = b""
+    while position > 0:
+        step = min(_AUDIT_BLOCK, position)
+        position -= step
+        file.seek(position)
+        chunk = file.read(step) + partial
+        first, *lines = chunk.split(b"\n")
+        end = position + len(chunk)
+        for line in reversed(lines):
+            end -= len(line)
+            yield end, line
+            end -= 1
+        partial = first
+    yield 0, partial
 
 
 # -- shaping -------------------------------------------------------------------------------------------------------
@@ -632,7 +759,7 @@ def dead_letter_json(message: Message) -> dict[str, Any]:
     data = message.data
     if isinstance(data, bytes | bytearray):
         data = bytes(data).decode("utf-8", "replace")
-    text = json.dumps(_finite(data), ensure_ascii=False, default=str)
+    text = _dumps(data)
     truncated = len(text) > _MAX_DATA_TEXT
     traceparent = _TRACEPARENT.match(h.get("traceparent", ""))
     return {
@@ -666,6 +793,16 @@ def _instance_json(instance: Instance, now: float) -> dict[str, Any]:
         "last_seen": instance.last_seen,
         "uptime_s": max(now - instance.registered, 0.0) if instance.registered else None,
     }
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    """``value`` as JSON; non-finite floats (JSON has none; the page could not parse NaN) become null. Most bodies
+    have none, so the walk that replaces them runs only when a first attempt finds one (it was most of the time
+    a 10,000-span trace took to serialise)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str, allow_nan=False, **options)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, default=str, **options)
 
 
 def _finite(value: Any) -> Any:

@@ -73,6 +73,7 @@ async def run_monolith(
                         services=lambda: infos,
                         resilience=resilience,
                         logs=logs,
+                        audit_path=system.state_dir / "audit.jsonl",
                     ) as dashboard,
                 ):
                     if on_ready is not None:

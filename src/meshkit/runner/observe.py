@@ -27,6 +27,8 @@ from meshkit.runtime.metrics import PolicyLog, Watchable, breaker_json, client_p
 from meshkit.runtime.service import RESILIENCE_PATH
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from meshkit.gateway import Gateway
     from meshkit.gateway.server import Route
 
@@ -126,16 +128,24 @@ async def system_dashboard(
     services: Callable[[], Mapping[str, Any]],
     resilience: Callable[[], Awaitable[ResilienceReport]] | None,
     logs: Any,
+    audit_path: Path | None = None,
 ) -> AsyncIterator[str | None]:
     """Serve the dashboard (its URL; ``None`` without the built-in collector's store, which it reads traces from)
-    for the duration of the block."""
+    for the duration of the block. Its dead-letter audit is kept in ``audit_path`` (the runner's
+    ``.meshkit/audit.jsonl``), so it outlives the run."""
     if tracing.store is None:
         yield None
         return
     from meshkit.dashboard import DashboardApp  # noqa: PLC0415 - the web framework loads only when needed
 
     app = DashboardApp(
-        tracing.store, registry=registry, services=services, broker=broker, resilience=resilience, logs=logs
+        tracing.store,
+        registry=registry,
+        services=services,
+        broker=broker,
+        resilience=resilience,
+        logs=logs,
+        audit_path=audit_path,
     )
     serving = await serve_asgi(app, bind(host, 0, what="the dashboard"), "the dashboard", lifespan="on")
     try:

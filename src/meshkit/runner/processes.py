@@ -237,6 +237,7 @@ class Supervisor:
                         services=self._service_infos(),
                         resilience=resilience,
                         logs=self.logs,
+                        audit_path=self.system.state_dir / "audit.jsonl",
                     ) as dashboard,
                 ):
                     if on_ready is not None:
