@@ -10,9 +10,9 @@ A service gets a tracer from its runner (:func:`provider` makes one per service,
 ``service.name`` even when several services share a process); code that has none (``tracer=None``) pays nothing.
 :func:`provider` exports over OTLP (HTTP/protobuf or gRPC) to ``endpoint`` (the built-in collector by default in
 ``meshkit run``; Jaeger, Tempo or any OpenTelemetry collector otherwise). Spans are recorded by
-:mod:`meshkit.tracing._recorder`, OpenTelemetry's trace API implemented for speed, and exported by the SDK. Sampling is parent-based and deterministic by trace
-id, so every service keeps or drops the same traces, and a trace with an error is kept whatever the ratio (see
-:class:`ErrorKeepingProcessor`).
+:mod:`meshkit.tracing._recorder`, OpenTelemetry's trace API implemented for speed, and exported by the SDK.
+Sampling is parent-based and deterministic by trace id, so every service keeps or drops the same traces, and a
+trace with an error is kept whatever the ratio (see :class:`ErrorKeepingProcessor`).
 """
 
 from __future__ import annotations
