@@ -44,6 +44,8 @@ routes:
         == "gw.yaml:7: routes[0].timeout: 'soon' is not a duration (use seconds, or a number with ms, s, m, h or d)"
     )
     assert error_of("listen: {port: 8080, colour: red}\n") == "gw.yaml:1: listen.colour: unknown key"
+    tls_and_h2c = error_of("listen:\n  h2c: true\n  tls: {cert: c.pem, key: k.pem}\n")
+    assert tls_and_h2c.startswith("gw.yaml:1: listen: ") and "h2c is cleartext HTTP/2" in tls_and_h2c, tls_and_h2c
     message = error_of("routes:\n  - name: a\n    path: /a\n")
     assert message.startswith("gw.yaml:2: routes[0]: ") and "exactly one of service" in message
     assert error_of("routes: [\n").startswith("gw.yaml:2: not valid YAML")

@@ -26,7 +26,7 @@ import jwt
 import pytest
 
 from meshkit.gateway import Gateway, parse_config
-from meshkit.gateway.http2 import MAX_STREAMS, _Http2, _Presence, negotiating
+from meshkit.gateway.http2 import MAX_STREAMS, _Http2, _Presence
 from meshkit.gateway.server import _ClientConn
 from tests.gateway.servers import Answer, RecordingUpstream, Seen, echo, exchange, gateway, status_of, upstream
 from tests.gateway.test_bff_admin import _certificates
@@ -588,34 +588,28 @@ async def test_expect_100_continue_is_an_interim_response(tls: Tls) -> None:
 
 async def test_h2c_prior_knowledge_and_http11_share_a_cleartext_listener() -> None:
     async with upstream() as up:
-        config = f'listen: {{port: 0}}\nroutes: [{{name: orders, path: /orders, targets: ["{up.target}"]}}]\n'
+        route = f'{{name: orders, path: /orders, targets: ["{up.target}"]}}'
+        config = f"listen: {{port: 0, h2c: true}}\nroutes: [{route}]\n"
         async with gateway(config) as gw:
-            assert gw.server is not None
-            loop = asyncio.get_running_loop()
-            listener = await loop.create_server(negotiating(gw.server, h2c=True), "127.0.0.1", 0)
-            port = listener.sockets[0].getsockname()[1]
+            port = gw.port
+            async with H2Client(port, None) as client:
+                r = await client.request("GET", "/orders/1")
+                assert r.status == 200 and r.json()["path"] == "/orders/1"
+                assert up.seen[-1].header("x-forwarded-proto") == "http"
+            raw = await exchange(port, b"GET /orders/2 HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+            assert status_of(raw) == 200
+            # a few bytes at a time: the first ones do not decide before they can
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                async with H2Client(port, None) as client:
-                    r = await client.request("GET", "/orders/1")
-                    assert r.status == 200 and r.json()["path"] == "/orders/1"
-                    assert up.seen[-1].header("x-forwarded-proto") == "http"
-                raw = await exchange(port, b"GET /orders/2 HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
-                assert status_of(raw) == 200
-                # a few bytes at a time: the first ones do not decide before they can
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                try:
-                    for part in (b"GE", b"T /orders/3 HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"):
-                        writer.write(part)
-                        await writer.drain()
-                    data = await asyncio.wait_for(reader.read(), 10)
-                    assert status_of(data) == 200
-                finally:
-                    writer.close()
-                    with contextlib.suppress(Exception):
-                        await writer.wait_closed()
+                for part in (b"GE", b"T /orders/3 HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"):
+                    writer.write(part)
+                    await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 10)
+                assert status_of(data) == 200
             finally:
-                listener.close()
-                await listener.wait_closed()
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
 
 async def test_rapid_reset_closes_the_connection(tls: Tls) -> None:

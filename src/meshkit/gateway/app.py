@@ -187,7 +187,8 @@ class Gateway:
         self.server.start()
         self._servers.append(
             await loop.create_server(
-                negotiating(self.server) if tls else self.server,  # HTTP/2 when ALPN chose it
+                # HTTP/2 when ALPN chose it, or (h2c) when a cleartext connection starts with HTTP/2's preface
+                negotiating(self.server, h2c=config.listen.h2c) if tls or config.listen.h2c else self.server,
                 config.listen.host,
                 config.listen.port,
                 ssl=tls,

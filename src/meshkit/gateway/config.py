@@ -138,9 +138,20 @@ class TlsConfig(_Model):
 
 
 class ListenConfig(_Model):
+    """Where clients connect. With ``tls``, HTTP/2 is negotiated (ALPN); without it, ``h2c: true`` also accepts
+    cleartext HTTP/2 with prior knowledge beside HTTP/1.1 (for a TLS-terminating load balancer in front that
+    speaks h2c)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     tls: TlsConfig | None = None
+    h2c: bool = False
+
+    @model_validator(mode="after")
+    def _h2c_without_tls(self) -> ListenConfig:
+        if self.h2c and self.tls is not None:
+            raise ValueError("h2c is cleartext HTTP/2: with tls, HTTP/2 is negotiated by ALPN already; drop h2c")
+        return self
 
 
 class AdminConfig(_Model):
