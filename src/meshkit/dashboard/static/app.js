@@ -214,6 +214,24 @@
     app.timers.push(setInterval(fn, ms));
   }
 
+  // Loads what path() names now and every `ms` while the page is shown, handing it to show(); a failure is shown
+  // in `problem` (and cleared by the next success). Returns the loader, to call again at once.
+  function poll(token, problem, path, show, ms) {
+    async function load() {
+      try {
+        const data = await api(path());
+        if (!current(token)) return;
+        problem.replaceChildren();
+        show(data);
+      } catch (exc) {
+        if (current(token)) problem.replaceChildren(errorBox(exc));
+      }
+    }
+    load();
+    every(ms, load);
+    return load;
+  }
+
   function onLeave(fn) {
     app.cleanups.push(fn);
   }
@@ -389,19 +407,7 @@
       if (current(token)) render(last);
     }
 
-    async function load() {
-      try {
-        const data = await api("services");
-        if (!current(token)) return;
-        problem.replaceChildren();
-        render(data.services);
-      } catch (exc) {
-        if (current(token)) problem.replaceChildren(errorBox(exc));
-      }
-    }
-
-    load();
-    every(5000, load);
+    poll(token, problem, () => "services", (data) => render(data.services), 5000);
   }
 
   // -- traces: the list ------------------------------------------------------------------------------------------
@@ -1330,18 +1336,7 @@
         : "No traces in this window: the map is drawn from the spans services send.";
     }
 
-    async function load() {
-      try {
-        const data = await api(`topology${query({ since_s: windowSelect.value })}`);
-        if (!current(token)) return;
-        problem.replaceChildren();
-        render(data);
-      } catch (exc) {
-        if (current(token)) problem.replaceChildren(errorBox(exc));
-      }
-    }
-    load();
-    every(10000, load);
+    const load = poll(token, problem, () => `topology${query({ since_s: windowSelect.value })}`, render, 10000);
   }
 
   // -- resilience ------------------------------------------------------------------------------------------------
@@ -1477,18 +1472,7 @@
       );
     }
 
-    async function load() {
-      try {
-        const data = await api("resilience");
-        if (!current(token)) return;
-        problem.replaceChildren();
-        render(data);
-      } catch (exc) {
-        if (current(token)) problem.replaceChildren(errorBox(exc));
-      }
-    }
-    load();
-    every(2000, load);
+    poll(token, problem, () => "resilience", render, 2000);
   }
 
   // -- messaging -------------------------------------------------------------------------------------------------
