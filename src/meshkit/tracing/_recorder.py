@@ -19,6 +19,12 @@ is 10 %. This recorder makes the same spans for a fraction of that:
   (the SDK's starts when its block is entered: the same for ``with tracer.start_as_current_span(...)``), and it is
   not usable as a decorator.
 
+- A span made current is stored straight into OpenTelemetry's current-Context variable (what ``context.attach``
+  does under the default runtime context, without its three layers of calls); another runtime context
+  (``OTEL_PYTHON_CONTEXT``) goes through the API.
+- :class:`BatchProcessor` queues ended spans for a thread to export, as the SDK's ``BatchSpanProcessor`` does,
+  with a deque append per span (the SDK's checks the process id, a system call, on every span).
+
 Attributes: values meshkit sets are primitives; a value a user sets that OpenTelemetry cannot carry (not a str,
 bool, int, float or a sequence of one of them) is dropped with a debug log, as the SDK drops it with a warning.
 There are no span limits (the SDK's default cap of 128 attributes and events per span is not applied).
@@ -26,23 +32,30 @@ There are no span limits (the SDK's default cap of 128 attributes and events per
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import random
 import re
+import threading
 import time
 import traceback
+import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, cast
 
 from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_INSTRUMENTATION
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from meshkit.tracing.propagation import otel_runtime
 
 __all__ = ["BatchProcessor", "Span", "Tracer", "TracerProvider"]
 
@@ -52,12 +65,14 @@ _UNSET = Status(StatusCode.UNSET)
 _EMPTY_STATE = TraceState()
 _LOW_64 = (1 << 64) - 1
 _PRIMITIVES = (str, bool, int, float)
-_get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context
 _attach = context_api.attach
 _detach = context_api.detach
 _time_ns = time.time_ns
 _bits = random.getrandbits
+# OpenTelemetry's current-Context variable (None: a runtime context other than the default, used through the API)
+# and the key of the current span in a Context; see meshkit.tracing.propagation.otel_runtime.
+_CONTEXT, _SPAN_KEY = otel_runtime()
 
 
 def _clean(value: Any) -> Any:
@@ -138,33 +153,45 @@ class Span(trace_api.Span, ReadableSpan):
         record_exception: bool,
         set_status_on_exception: bool,
     ) -> None:
-        # ReadableSpan's fields, set directly (its __init__ would build a Resource when given none)
+        # ReadableSpan's fields, set directly (its __init__ would build a Resource when given none); the fields
+        # every new span has the same value for are class attributes below, replaced when they change
         self._name = name
         self._kind = kind
-        self._parent = None  # see the parent property: ours may be a span, resolved when asked
         self._parent_ref = parent
-        self._attributes = self._attrs = attributes
-        self._event_list: list[Event] = []
-        self._events = self._event_list
-        self._links = self._link_list = links
+        self._attributes = attributes
+        if links:
+            self._links = links
         self._start_time = start_time
-        self._end_time: int | None = None
-        self._status = _UNSET
-        self._resource = tracer.resource
-        self._instrumentation_scope = tracer.scope
-        self._instrumentation_info = None
-        # ours
         self._tracer = tracer
         self._trace_id = trace_id
         self._span_id = _bits(64) or 1
         self._flags = flags
         self._trace_state = trace_state
         self._recording = recording
-        self._record_exception = record_exception
-        self._set_status_on_exception = set_status_on_exception
-        self._activate = False
-        self._end_on_exit = True
-        self._token: object = None
+        if not record_exception:
+            self._record_exception = False
+        if not set_status_on_exception:
+            self._set_status_on_exception = False
+
+    _parent = None  # see the parent property: ours may be a span, resolved when asked
+    _events: Sequence[Event] = ()  # a list of its own once the span has an event
+    _links: Sequence[Link] = ()
+    _end_time: int | None = None
+    _status = _UNSET
+    _instrumentation_info = None
+    _record_exception = True
+    _set_status_on_exception = True
+    _activate = False  # start_as_current_span's: the span becomes current in __enter__
+    _end_on_exit = True
+    _token: object = None
+
+    @property
+    def _resource(self) -> Resource:  # type: ignore[override]  # ReadableSpan's resource reads it
+        return self._tracer.resource
+
+    @property
+    def _instrumentation_scope(self) -> InstrumentationScope:  # type: ignore[override]
+        return self._tracer.scope
 
     # -- the span context, built on first use, then a plain attribute -----------------------------------------
 
@@ -205,7 +232,7 @@ class Span(trace_api.Span, ReadableSpan):
                 log.debug("span attribute %r dropped: %r is not a valid attribute value", key, type(value).__name__)
                 return
             value = cleaned
-        self._attrs[key] = value
+        self._attributes[key] = value  # type: ignore[index]  # ours is a dict
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         for key, value in attributes.items():
@@ -213,11 +240,11 @@ class Span(trace_api.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
         if self._recording:
-            self._event_list.append(Event(name, dict(attributes or {}), timestamp or _time_ns()))
+            self._events = [*self._events, Event(name, dict(attributes or {}), timestamp or _time_ns())]
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if self._recording and context.is_valid:
-            self._link_list.append(Link(context, dict(attributes) if attributes else None))
+            self._links = [*self._links, Link(context, dict(attributes) if attributes else None)]
 
     def update_name(self, name: str) -> None:
         self._name = name
@@ -263,7 +290,12 @@ class Span(trace_api.Span, ReadableSpan):
 
     def __enter__(self) -> Span:
         if self._activate:
-            self._token = _attach(_set_span_in_context(self))
+            if _CONTEXT is not None:  # what context.attach(trace.set_span_in_context(self)) does
+                values = Context(_CONTEXT.get())
+                dict.__setitem__(values, _SPAN_KEY, self)  # Context refuses item assignment, as a frozen mapping
+                self._token = _CONTEXT.set(values)
+            else:
+                self._token = _attach(_set_span_in_context(self))
         return self
 
     def __exit__(
@@ -276,23 +308,127 @@ class Span(trace_api.Span, ReadableSpan):
                 if self._set_status_on_exception:
                     self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         finally:
-            if self._token is not None:
-                _detach(self._token)  # type: ignore[arg-type]
+            token = self._token
+            if token is not None:
                 self._token = None
+                if _CONTEXT is None:
+                    _detach(token)  # type: ignore[arg-type]
+                else:
+                    try:
+                        _CONTEXT.reset(token)  # type: ignore[arg-type]
+                    except (ValueError, RuntimeError):  # made in another context: logged, as context.detach does
+                        log.exception("failed to detach the span %r from the current context", self._name)
             if self._end_on_exit:
                 self.end()
 
 
-class BatchProcessor(BatchSpanProcessor):
-    """The SDK's ``BatchSpanProcessor`` (queue, export thread, flush and shutdown as they are), taking a sampled
-    :class:`Span` without building its ``SpanContext`` to read the sampled flag: the exporter's thread builds it."""
+class BatchProcessor(SpanProcessor):
+    """Sampled spans wait in a queue and a thread of the processor exports them, ``max_export_batch_size`` at a
+    time: when that many are waiting, every ``schedule_delay_millis`` otherwise, and on :meth:`force_flush` and
+    :meth:`shutdown`. The SDK's ``BatchSpanProcessor`` does the same; this one is cheaper per span, where it counts
+    (a span's end on the request path is an append to a deque: the SDK's checks the process id, a system call, and
+    several flags per span). When ``max_queue_size`` spans are waiting, new ones are dropped and counted (a warning
+    says how many). In a forked child the queue starts empty with a new thread. The exporter runs with
+    instrumentation suppressed, so its own HTTP calls make no spans."""
+
+    def __init__(
+        self,
+        exporter: Any,
+        *,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        schedule_delay_millis: float = 5000,
+    ) -> None:
+        if max_queue_size < 1 or max_export_batch_size < 1 or schedule_delay_millis <= 0:
+            raise ValueError("max_queue_size, max_export_batch_size and schedule_delay_millis must be positive")
+        if max_export_batch_size > max_queue_size:
+            raise ValueError("max_export_batch_size must not exceed max_queue_size")
+        self._exporter = exporter
+        self._max_queue = max_queue_size
+        self._max_batch = max_export_batch_size
+        self._delay = schedule_delay_millis / 1000
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._dropped = 0
+        self._stopping = False
+        self._start()
+        # A forked child inherits the queue but not the thread: it starts over (the parent exports what it held).
+        method = weakref.WeakMethod(self._start)
+        os.register_at_fork(after_in_child=lambda: (restart := method()) is not None and restart())
+
+    def _start(self) -> None:
+        self._queue.clear()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flushes: list[threading.Event] = []
+        self._thread = threading.Thread(target=self._work, name="meshkit-span-export", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span: Any, parent_context: context_api.Context | None = None) -> None:
+        return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if isinstance(span, Span):
-            if span._flags & 1:
-                self._batch_processor.emit(span)
-        else:
-            super().on_end(span)
+        if type(span) is Span:
+            if not span._flags & 1:
+                return
+        elif span.context is None or not span.context.trace_flags.sampled:
+            return
+        queue = self._queue
+        if len(queue) >= self._max_queue or self._stopping:
+            self._dropped += 1
+            return
+        queue.append(span)
+        if len(queue) >= self._max_batch and not self._wake.is_set():
+            self._wake.set()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export every span queued so far; False if that took longer than ``timeout_millis``."""
+        done = threading.Event()
+        with self._lock:
+            if self._stopping:
+                return not self._queue
+            self._flushes.append(done)
+        self._wake.set()
+        return done.wait(timeout_millis / 1000)
+
+    def shutdown(self) -> None:
+        """Export what is queued, stop the thread, shut the exporter down. Spans ending later are dropped."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._exporter.shutdown()
+
+    def _work(self) -> None:
+        context_api.attach(context_api.set_value(_SUPPRESS_INSTRUMENTATION, True))  # this thread's context only
+        while True:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            with self._lock:
+                flushes, self._flushes = self._flushes, []
+                stopping = self._stopping
+            self._export_queued()
+            for done in flushes:
+                done.set()
+            if stopping:
+                return
+
+    def _export_queued(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
+            try:
+                self._exporter.export(batch)
+            except Exception:
+                log.exception("exporting %d spans failed", len(batch))
+        dropped, self._dropped = self._dropped, 0
+        if dropped:
+            log.warning("%d spans dropped: the export queue was full (%d spans)", dropped, self._max_queue)
+
+
+# processors' on_start methods known to do nothing: spans do not call them
+_NO_START = (SpanProcessor.on_start, BatchProcessor.on_start)
 
 
 class Tracer(trace_api.Tracer):
@@ -301,7 +437,8 @@ class Tracer(trace_api.Tracer):
     def __init__(self, provider: TracerProvider, scope: InstrumentationScope) -> None:
         self.resource = provider.resource
         self.scope = scope
-        self.processors = provider.processors  # the provider's list: processors added later are seen
+        self.processors = provider.processors  # the provider's lists: processors added later are seen
+        self.starters = provider.starters
         self._bound = provider.bound
 
     def start_span(
@@ -315,15 +452,18 @@ class Tracer(trace_api.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> Span:
-        current = _get_current_span(context)
+        if context is not None:
+            current = context.get(_SPAN_KEY)
+        else:
+            current = (_CONTEXT.get() if _CONTEXT is not None else context_api.get_current()).get(_SPAN_KEY)
         parent: SpanContext | Span | RemoteParent | None
         if type(current) is Span:  # a parent in this process: no SpanContext to build
             trace_id, flags, state = current._trace_id, current._flags, current._trace_state
             recording = bool(flags & 1)
             parent = current
         else:
-            context_of = current.get_span_context()
-            if context_of.is_valid:
+            context_of = current.get_span_context() if isinstance(current, trace_api.Span) else None
+            if context_of is not None and context_of.is_valid:
                 trace_id, flags, state = context_of.trace_id, context_of.trace_flags, context_of.trace_state
                 recording = bool(flags & 1)  # parent-based: the trace's first span decided
                 parent = context_of
@@ -347,14 +487,14 @@ class Tracer(trace_api.Tracer):
             record_exception,
             set_status_on_exception,
         )
-        return self._begun(span, context)
-
-    def _begun(self, span: Span, context: context_api.Context | None) -> Span:
-        """``span``, once the processors have seen it start (only recorded spans reach them)."""
-        if span._recording:
-            for processor in self.processors:
-                processor.on_start(cast("Any", span), context)
+        if recording and self.starters:
+            self._started(span, context)
         return span
+
+    def _started(self, span: Span, context: context_api.Context | None) -> None:
+        """Tell the processors that look at a span's start (only recorded spans reach them)."""
+        for processor in self.starters:
+            processor.on_start(cast("Any", span), context)
 
     def start_child_of_remote(
         self, parent: RemoteParent, name: str, kind: SpanKind, attributes: Mapping[str, Any] | None
@@ -368,7 +508,9 @@ class Tracer(trace_api.Tracer):
             self, name, kind, trace_id, flags, _EMPTY_STATE, parent, attributes, [], _time_ns(), recording, True, True
         )  # fmt: skip
         span._activate = True
-        return self._begun(span, None)
+        if recording and self.starters:
+            self._started(span, None)
+        return span
 
     def start_as_current_span(  # type: ignore[override]  # a context manager object, not a generator
         self,
@@ -398,6 +540,7 @@ class TracerProvider(trace_api.TracerProvider):
     def __init__(self, resource: Resource, *, ratio: float | None = None) -> None:
         self.resource = resource
         self.processors: list[SpanProcessor] = []
+        self.starters: list[SpanProcessor] = []  # those of processors whose on_start does something
         self.bound = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(ratio)
 
     def get_tracer(
@@ -414,11 +557,13 @@ class TracerProvider(trace_api.TracerProvider):
 
     def add_span_processor(self, processor: SpanProcessor) -> None:
         self.processors.append(processor)
+        if getattr(type(processor), "on_start", None) not in _NO_START:
+            self.starters.append(processor)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return all(processor.force_flush(timeout_millis) for processor in self.processors)
 
     def shutdown(self) -> None:
-        processors, self.processors[:] = list(self.processors), []
+        processors, self.processors[:], self.starters[:] = list(self.processors), [], []
         for processor in processors:
             processor.shutdown()

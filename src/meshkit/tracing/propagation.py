@@ -37,6 +37,17 @@ class _Otel:
         self.baggage_propagator: Any = importlib.import_module(
             "opentelemetry.baggage.propagation"
         ).W3CBaggagePropagator()
+        # The current span is stored in the current Context under this key (found through the public API).
+        self.span_key: str = next(iter(self.trace.set_span_in_context(self.trace.INVALID_SPAN, self.context.Context())))
+        # Under the default runtime context, the current Context is the value of one ContextVar: reading and
+        # setting it directly is what opentelemetry.context's get_current/attach/detach do, in one call instead of
+        # three layers. Under any other runtime context (OTEL_PYTHON_CONTEXT) this is None and the API is used.
+        runtime = getattr(self.context, "_RUNTIME_CONTEXT", None)
+        default = importlib.import_module("opentelemetry.context.contextvars_context").ContextVarsRuntimeContext
+        var = getattr(runtime, "_current_context", None)
+        self.var: contextvars.ContextVar[Any] | None = (
+            var if type(runtime) is default and isinstance(var, contextvars.ContextVar) else None
+        )
 
     def default_propagation(self) -> bool:
         """Whether the global propagator is OpenTelemetry's default (W3C trace context and baggage)."""
@@ -63,20 +74,23 @@ def current_headers() -> dict[str, str]:
     otel = _otel()
     if otel is not None:
         if otel.default_propagation():
-            context = otel.context.get_current()
-            current = otel.trace.get_current_span(context)
-            own = getattr(current, "w3c_headers", None)  # meshkit's recorder spans format their own
-            if own is not None:
-                own(carrier)
-            else:
-                span_context = current.get_span_context()
-                if span_context.is_valid:
-                    carrier["traceparent"] = (
-                        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
-                    )
-                    if span_context.trace_state:
-                        carrier["tracestate"] = span_context.trace_state.to_header()
-            if otel.baggage.get_all(context):
+            var = otel.var
+            context = var.get() if var is not None else otel.context.get_current()
+            current = context.get(otel.span_key)
+            if current is not None:
+                own = getattr(current, "w3c_headers", None)  # meshkit's recorder spans format their own
+                if own is not None:
+                    own(carrier)
+                elif isinstance(current, otel.trace.Span):
+                    span_context = current.get_span_context()
+                    if span_context.is_valid:
+                        carrier["traceparent"] = (
+                            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+                        )
+                        if span_context.trace_state:
+                            carrier["tracestate"] = span_context.trace_state.to_header()
+            # a context holding nothing but the current span holds no baggage
+            if len(context) > (current is not None) and otel.baggage.get_all(context):
                 otel.baggage_propagator.inject(carrier, context)
         else:
             otel.propagate.inject(carrier)
@@ -91,6 +105,16 @@ def inject(headers: MutableMapping[str, str]) -> None:
     win)."""
     for key, value in current_headers().items():
         headers.setdefault(key, value)
+
+
+def otel_runtime() -> tuple[contextvars.ContextVar[Any] | None, str]:
+    """OpenTelemetry's current-Context variable (None under a runtime context other than its default one: use
+    ``opentelemetry.context`` then), and the key the current span is stored under in a Context. Needs
+    OpenTelemetry's API installed."""
+    otel = _otel()
+    if otel is None:
+        raise ImportError("opentelemetry-api is not installed")
+    return otel.var, otel.span_key
 
 
 def default_propagation() -> bool:

@@ -88,13 +88,13 @@ def server_span(
     anything else is extracted into the current context first (:func:`meshkit.tracing.extracted`)."""
     if tracer is None:
         return _NO_SPAN
-    if len(carried) == 1 and "traceparent" in carried and isinstance(tracer, _recorder().Tracer):
-        parent = _recorder().RemoteParent.parse(carried["traceparent"])
-        if parent is not None and _default_propagation():
-            child: contextlib.AbstractContextManager[Any] = tracer.start_child_of_remote(
-                parent, name, span_kind("server"), attributes
-            )
-            return child
+    if len(carried) == 1 and "traceparent" in carried:
+        start = getattr(tracer, "start_child_of_remote", None)  # a meshkit recorder's tracer
+        if start is not None:
+            parent = _recorder().RemoteParent.parse(carried["traceparent"])
+            if parent is not None and _default_propagation():
+                child: contextlib.AbstractContextManager[Any] = start(parent, name, span_kind("server"), attributes)
+                return child
     return _Extracted(carried, functools.partial(span, tracer, name, kind="server", attributes=attributes))
 
 
