@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -422,6 +423,53 @@ async def test_messaging_shows_how_far_each_group_is_behind(store: TraceStore, b
         return (await lag()) == {"waiting": 0, "in_flight": 0, "total": 0}
 
     await eventually(caught_up, "billing to catch up")
+
+
+@pytest.mark.anyio
+async def test_messaging_asks_the_lag_of_up_to_8_groups_at_once_and_keeps_each_groups_error(
+    store: TraceStore, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never(message: Message) -> None:
+        raise AssertionError("no message is published")
+
+    for group in ("g0", "g1", "g2"):  # known to the broker; the others are not, and "down" cannot be asked
+        await broker.subscribe("a", never, group=group, options=SubscriptionOptions(poll_interval=0.05))
+    groups = [("a", f"g{n}") for n in range(6)] + [("b", f"g{n}") for n in range(6, 11)] + [("b", "down")]
+    infos = {f"s{n:02}": ServiceInfo(f"s{n:02}", subscriptions=[pair]) for n, pair in enumerate(groups)}
+    real = broker.lag
+    asking = peak = 0
+    enough = asyncio.Event()  # set once 8 questions are in flight together (or one waited 10 s for that)
+
+    async def lag(topic: str, group: str) -> Any:
+        nonlocal asking, peak
+        asking += 1
+        peak = max(peak, asking)
+        try:
+            if asking >= 8:
+                enough.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await enough.wait()
+            enough.set()
+            if group == "down":
+                raise Unavailable("the broker is down")
+            return await real(topic, group)
+        finally:
+            asking -= 1
+
+    monkeypatch.setattr(broker, "lag", lag)
+    dashboard = DashboardApp(store, broker=broker, services=lambda: infos)
+    data = await get_json(dashboard, "/api/messaging")
+    assert peak == 8, "eight at once, never more"
+    got = {(t["topic"], g["group"]): (g["lag"], g.get("lag_error")) for t in data["topics"] for g in t["groups"]}
+    caught_up = {"waiting": 0, "in_flight": 0, "total": 0}
+    unknown = "the broker does not know this group yet"
+    assert got == {
+        **{("a", g): (caught_up, None) for g in ("g0", "g1", "g2")},
+        **{pair: (None, unknown) for pair in groups if pair[1] not in ("g0", "g1", "g2", "down")},
+        ("b", "down"): (None, "the broker is down"),
+    }
+    assert [g["service"] for g in data["topics"][1]["groups"]] == [f"s{n:02}" for n in range(6, 12)], "in order"
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshkit.dashboard import AuditEntry, DashboardApp, ServiceInfo
-from meshkit.dashboard import _app as app_module
+from meshkit.dashboard import audit as audit_module
 from meshkit.errors import ConfigurationError
 from meshkit.messaging import Broker, connect
 from meshkit.testing import FakeClock
@@ -134,7 +134,7 @@ async def test_corrupt_lines_are_skipped_with_a_warning(
         + b"\xff\xfe\n"  # not UTF-8
         + line(entry(3)).encode()[:25]  # the process died while writing this one
     )
-    with caplog.at_level(logging.WARNING, logger="meshkit.dashboard._app"):
+    with caplog.at_level(logging.WARNING, logger="meshkit.dashboard.audit"):
         app = dashboard(store, broker, path, FakeClock(wall_start=WALL + 10))
     assert app.audit == good
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -162,7 +162,7 @@ async def test_only_the_last_audit_size_entries_are_read_back(
     lines = [line(entry(n)) for n in range(3000)]
     lines.insert(2990, "{broken\n")
     path.write_text("".join(lines), encoding="utf-8")
-    assert path.stat().st_size > 3 * app_module._AUDIT_BLOCK
+    assert path.stat().st_size > 3 * audit_module._AUDIT_BLOCK
     app = dashboard(store, broker, path, FakeClock(wall_start=WALL), audit_size=1000)
     assert [e.time - WALL for e in app.audit] == list(range(2000, 3000))
     await app.aclose()
@@ -231,6 +231,42 @@ def test_lines_are_read_backwards_across_blocks(lines: list[bytes], newline_at_e
         expected.append((start, part))
         start += len(part) + 1
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app_module, "_AUDIT_BLOCK", block)
-        got = list(app_module._lines_backwards(io.BytesIO(data)))
+        patch.setattr(audit_module, "_AUDIT_BLOCK", block)
+        got = list(audit_module._lines_backwards(io.BytesIO(data)))
     assert got == expected[::-1]
+
+
+@pytest.mark.anyio
+async def test_what_another_process_appends_shows_without_losing_what_the_file_refused(
+    store: TraceStore, broker: Broker, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    app = dashboard(store, broker, path, FakeClock(wall_start=WALL + 10))
+    ids = await dead_letters(broker, 2)
+    await settle(app, "replay", ids[:1])
+    audit_module.append_audit(path, entry(20, "discard"))  # as meshkit dlq discard does, from its process
+    served = (await get_json(app, "/api/audit"))["entries"]
+    assert [(e["action"], e["time"]) for e in served] == [("discard", WALL + 20), ("replay", WALL + 10)]
+    assert (await get_json(app, "/api/audit"))["entries"] == served, "unchanged file: the same entries"
+
+    path.rename(tmp_path / "moved.jsonl")
+    path.mkdir()  # now every append fails, and the file cannot be read again
+    await settle(app, "discard", ids[1:])
+    served = (await get_json(app, "/api/audit"))["entries"]
+    assert [(e["action"], e["time"]) for e in served] == [
+        ("discard", WALL + 10),  # kept in memory
+        ("discard", WALL + 20),
+        ("replay", WALL + 10),
+    ]
+    path.rmdir()
+    (tmp_path / "moved.jsonl").rename(path)
+    audit_module.append_audit(path, entry(30))  # readable again: the refused entry stays, among the file's
+    served = (await get_json(app, "/api/audit"))["entries"]
+    assert [(e["action"], e["time"]) for e in served] == [
+        ("replay", WALL + 30),
+        ("discard", WALL + 20),
+        ("discard", WALL + 10),
+        ("replay", WALL + 10),
+    ]
+    assert [e.time for e in app.audit] == [WALL + 10, WALL + 10, WALL + 20, WALL + 30]
+    await app.aclose()

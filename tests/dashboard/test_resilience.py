@@ -232,19 +232,27 @@ async def test_reports_fetched_over_http_match_those_read_in_process_and_a_silen
         dashboard = await get_json(DashboardApp(store, resilience=fetched), "/api/resilience")
     assert remote["breakers"] == here["breakers"], "one report, however it is read"
     assert remote["rejections"] == here["rejections"]
-    (row,) = remote["breakers"]
+    (row,) = [b for b in remote["breakers"] if b["kind"] == "client"]
     assert (row["service"], row["instance"], row["name"], row["state"]) == (
         "shop",
         system.shop.instance.id,  # type: ignore[union-attr]
         "stock",
         "open",
     )
+    (one,) = [b for b in remote["breakers"] if b["kind"] == "client instance"]  # stock's only instance
+    stock = system.stock.instance
+    assert stock is not None
+    assert (one["name"], one["downstream_instance"], one["downstream_address"]) == ("stock", stock.id, stock.address)
+    assert one["state"] == "open" and one["instance"] == row["instance"]
     assert [(t["from"], t["to"]) for t in row["transitions"]] == [("closed", "open")] and row["not_permitted"] == 1
     (silent,) = remote["errors"]
     assert (silent["service"], silent["instance"], silent["address"]) == ("shop", "shop-ghost", ghost.address)
     assert silent["error"] and here["errors"] == []
     assert dashboard["available"] is True and dashboard["errors"] == json.loads(json.dumps(remote["errors"]))
-    assert [b["name"] for b in dashboard["breakers"]] == ["stock"]
+    assert [(b["name"], b["kind"]) for b in dashboard["breakers"]] == [
+        ("stock", "client"),
+        ("stock", "client instance"),
+    ]
 
 
 async def test_without_a_gateway_or_services_the_source_is_empty(store: TraceStore) -> None:

@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse
 from meshkit import Service, discovery, messaging
 from meshkit.client import ClientOptions, HttpTransport
 from meshkit.client.options import is_server_error
+from meshkit.discovery import Instance
 from meshkit.errors import BulkheadFull, CircuitOpen
 from meshkit.resilience import Bulkhead, CircuitBreaker
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runtime import RunContext
-from meshkit.runtime.metrics import PolicyLog
+from meshkit.runtime.metrics import PolicyLog, instance_key
 from meshkit.runtime.service import RESILIENCE_PATH
 from meshkit.testing import FakeClock, eventually
 
@@ -95,7 +96,8 @@ async def report_of(url: str) -> dict[str, Any]:
 
 
 def row(rows: list[dict[str, Any]], client: str) -> dict[str, Any]:
-    found = [r for r in rows if r["client"] == client]
+    """The row of ``client``'s breaker for the whole service (or of its bulkhead), not those of its instances."""
+    found = [r for r in rows if r["client"] == client and r["kind"] != "client instance"]
     assert len(found) == 1, rows
     return found[0]
 
@@ -210,3 +212,146 @@ async def test_the_policy_log_keeps_the_last_transitions_per_key_in_unix_time_an
     assert log.transitions("k") == [] and log.rejected("k") == {}
     with pytest.raises(ValueError, match="history"):
         PolicyLog(history=0)
+
+
+def breaker_per_instance(name: str, clock: Any) -> CircuitBreaker:
+    """``small_breaker`` for each instance (``stock@host:port``); the whole service's never opens here."""
+    if "@" in name:
+        return small_breaker(name, clock)
+    return CircuitBreaker(name=name, window_size=1000, minimum_calls=1000, failure_result=is_server_error, clock=clock)
+
+
+@pytest.fixture
+async def two_stocks(tmp_path: Path) -> AsyncIterator[tuple[Service, Service, Any, str]]:
+    """``shop`` calling two instances of ``stock``: the first always answers 500, the second 200."""
+    bad, good, shop = Service("stock"), Service("stock"), Service("shop")
+    options = ClientOptions(retry=None, breaker=breaker_per_instance, outlier=None, bulkhead=None, timeout=10.0)
+    to_stock = shop.client("stock", options=options)
+
+    @bad.http.get("/stock")
+    async def broken() -> JSONResponse:
+        return JSONResponse({"ok": False}, status_code=500)
+
+    @good.http.get("/stock")
+    async def fine() -> dict[str, bool]:
+        return {"ok": True}
+
+    served: list[Served] = []
+    transport = HttpTransport()
+    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
+        try:
+            for n, service in enumerate((bad, good, shop)):
+                ctx = RunContext(broker, registry, transport, data_dir=tmp_path / f"{service.name}-{n}")
+                served.append(await bring_up(service, ctx, "127.0.0.1", bind("127.0.0.1", 0)))
+            yield bad, good, to_stock, served[-1].url
+        finally:
+            await bring_down(served, grace=0)
+            await transport.aclose()
+
+
+def instance_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["downstream_instance"]: r for r in rows if r["kind"] == "client instance"}
+
+
+async def test_the_report_shows_the_breaker_of_each_instance_and_its_transitions(
+    two_stocks: tuple[Service, Service, Any, str],
+) -> None:
+    bad, good, to_stock, url = two_stocks
+    assert bad.instance is not None and good.instance is not None
+    await to_stock.get("/stock")  # the client learns the instances (and makes their breakers) on its first call
+    report = await report_of(url)
+    rows = instance_rows(report["breakers"])
+    assert set(rows) == {bad.instance.id, good.instance.id}
+    for instance in (bad.instance, good.instance):
+        row = rows[instance.id]
+        assert (row["name"], row["client"], row["downstream"]) == ("stock", "stock", "stock")
+        assert row["downstream_address"] == instance.address
+        assert row["policy"] == f"stock@{instance.address}"
+        assert row["service"] == "shop" and row["instance"] == report["instance"], "where the client lives"
+        assert set(row) >= {"state", "failure_rate", "calls", "failed", "not_permitted", "last_rejected"}
+
+    before = time.time()
+    for _ in range(40):  # until the failing instance's breaker opens (4 calls there, all failed)
+        if instance_rows((await report_of(url))["breakers"])[bad.instance.id]["state"] == "open":
+            break
+        await to_stock.get("/stock")
+    after = time.time()
+    report = await report_of(url)
+    rows = instance_rows(report["breakers"])
+    opened, closed = rows[bad.instance.id], rows[good.instance.id]
+    assert (opened["state"], opened["failed"], opened["failure_rate"]) == ("open", 4, 100.0)
+    assert [(t["from"], t["to"]) for t in opened["transitions"]] == [("closed", "open")]
+    assert before - 1 <= opened["transitions"][0]["time"] <= after + 1
+    assert (closed["state"], closed["failed"], closed["transitions"]) == ("closed", 0, [])
+    (service_wide,) = [r for r in report["breakers"] if r["kind"] == "client"]
+    assert service_wide["state"] == "closed" and service_wide["transitions"] == [], "one instance down is not all"
+
+    for _ in range(3):  # the open instance is out of rotation: the calls go to the other one
+        assert (await to_stock.get("/stock")).status == 200
+
+
+async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
+    clock = FakeClock(start=100.0, wall_start=1_800_000_000.0)
+
+    def tripping(name: str) -> CircuitBreaker:
+        return CircuitBreaker(
+            name=name, window_size=1, minimum_calls=1, wait_in_open=5.0, half_open_calls=1, clock=clock
+        )
+
+    class Group:
+        def __init__(self) -> None:
+            self.breakers: dict[str, tuple[Instance, CircuitBreaker]] = {}
+
+        def instance_breakers(self) -> dict[str, tuple[Instance, CircuitBreaker]]:
+            return dict(self.breakers)
+
+        def add(self, iid: str, port: int) -> CircuitBreaker:
+            breaker = tripping(f"stock@127.0.0.1:{port}")
+            self.breakers[iid] = (Instance("stock", iid, "127.0.0.1", port), breaker)
+            return breaker
+
+    def fail() -> None:
+        raise ValueError("down")
+
+    def trip(breaker: CircuitBreaker) -> None:
+        with pytest.raises(ValueError, match="down"):
+            breaker.call(fail)
+
+    group = Group()
+    first = group.add("a", 1)
+    log = PolicyLog()
+    stop = log.watch("g", group)
+    trip(first)
+    assert [(t["from"], t["to"]) for t in log.transitions(instance_key("g", "a"))] == [("closed", "open")]
+
+    second = group.add("b", 2)
+    trip(second)  # not seen yet: the log learns of b on refresh
+    assert log.transitions(instance_key("g", "b")) == []
+    log.refresh()
+    clock.advance(5.0)
+    trip(second)  # open -> half_open -> open
+    assert [(t["from"], t["to"]) for t in log.transitions(instance_key("g", "b"))] == [
+        ("open", "half_open"),
+        ("half_open", "open"),
+    ]
+    log.retain({"g"})
+    assert log.transitions(instance_key("g", "a")), "a group's breakers are kept while it is watched"
+
+    moved = group.add("a", 3)  # a moved: a new breaker, its old record is forgotten
+    log.refresh()
+    assert log.transitions(instance_key("g", "a")) == []
+    trip(moved)
+    assert len(log.transitions(instance_key("g", "a"))) == 1
+    trip(first)  # the old breaker of a: no longer listened to
+    assert len(log.transitions(instance_key("g", "a"))) == 1
+
+    del group.breakers["b"]  # b left
+    log.refresh()
+    assert log.transitions(instance_key("g", "b")) == []
+
+    stop()
+    clock.advance(5.0)
+    trip(moved)
+    assert len(log.transitions(instance_key("g", "a"))) == 1, "stopped: nothing more is recorded"
+    log.retain(set())
+    assert log.transitions(instance_key("g", "a")) == []

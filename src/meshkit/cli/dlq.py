@@ -1,9 +1,17 @@
-"""Dead letters: list, replay or discard the messages a topic's handlers gave up on."""
+"""Dead letters: list, replay or discard the messages a topic's handlers gave up on.
+
+Replays and discards are recorded in the audit file the dashboard shows (``.meshkit/audit.jsonl`` of the system,
+``--audit`` to name another), by ``cli:<user>@<host>``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import socket
+import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshkit._core.settings import load_settings
+from meshkit.dashboard.audit import AuditEntry, append_audit
 from meshkit.errors import ConfigurationError
 from meshkit.messaging import Broker, Message, connect
 
@@ -74,23 +83,51 @@ def list_dead_letters(
     Console(highlight=False).print(table)
 
 
-def _settle(topic: str, ids: list[str] | None, url: str | None, yes: bool, *, replay: bool) -> None:
+def _who() -> str:
+    """Who settles dead letters from here, as the audit's ``client``: ``cli:<user>@<host>``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name in the environment nor the password database
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _audit(path: Path, entry: AuditEntry) -> None:
+    try:
+        append_audit(path, entry)
+    except OSError as exc:  # the action is done: say that it went unrecorded, as the dashboard does
+        typer.echo(f"warning: could not record this {entry.action} in the audit file {path}: {exc}", err=True)
+
+
+def _settle(topic: str, ids: list[str] | None, url: str | None, yes: bool, audit: Path, *, replay: bool) -> None:
     verb = "replay" if replay else "discard"
-    what = f"{len(ids)} chosen dead letters" if ids else "every dead letter"
+    chosen = list(dict.fromkeys(ids or ()))
+    what = f"{len(chosen)} chosen dead letters" if chosen else "every dead letter"
     if not yes and not typer.confirm(f"{verb} {what} of {topic}?", default=False):
         raise typer.Exit(1)
 
-    async def run() -> int:
-        async with _broker(url) as broker:
-            dead = broker.dead_letters(topic)
-            return await (dead.replay(ids) if replay else dead.discard(ids))
+    broker = _broker(url)  # a URL the CLI cannot use is refused before anything is tried (and audited)
 
-    count = asyncio.run(run())
+    async def run() -> int:
+        async with broker:
+            dead = broker.dead_letters(topic)
+            return await (dead.replay(chosen or None) if replay else dead.discard(chosen or None))
+
+    try:
+        count = asyncio.run(run())
+    except Exception as exc:
+        _audit(audit, AuditEntry(time.time(), verb, topic, tuple(chosen), 0, f"{type(exc).__name__}: {exc}", _who()))
+        raise
+    _audit(audit, AuditEntry(time.time(), verb, topic, tuple(chosen), count, client=_who()))
     typer.echo(f"{'replayed' if replay else 'discarded'} {count} dead letter{'s' if count != 1 else ''} of {topic}")
 
 
 IdsOption = Annotated[list[str] | None, typer.Option("--id", help="Only these dead letters (repeatable).")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+AuditOption = Annotated[
+    Path, typer.Option("--audit", help="The audit file the dashboard shows, to record this in.", dir_okay=False)
+]
+DEFAULT_AUDIT = Path(".meshkit") / "audit.jsonl"
 
 
 @app.command("replay")
@@ -99,9 +136,10 @@ def replay(
     ids: IdsOption = None,
     url: UrlOption = None,
     yes: YesOption = False,
+    audit: AuditOption = DEFAULT_AUDIT,
 ) -> None:
     """Send dead letters back to their topic, to be handled again."""
-    _settle(topic, ids, url, yes, replay=True)
+    _settle(topic, ids, url, yes, audit, replay=True)
 
 
 @app.command("discard")
@@ -110,6 +148,7 @@ def discard(
     ids: IdsOption = None,
     url: UrlOption = None,
     yes: YesOption = False,
+    audit: AuditOption = DEFAULT_AUDIT,
 ) -> None:
     """Drop dead letters for good."""
-    _settle(topic, ids, url, yes, replay=False)
+    _settle(topic, ids, url, yes, audit, replay=False)

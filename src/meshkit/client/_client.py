@@ -728,6 +728,12 @@ class ServiceClient:
     def __repr__(self) -> str:
         return f"ServiceClient({self.service!r}, {self.registry!r}, transport={self.transport!r})"
 
+    def instance_breakers(self) -> dict[str, tuple[Instance, CircuitBreaker]]:
+        """The circuit breaker of each instance the client knows (in rotation or not), by instance id, with the
+        instance: empty without a breaker factory or before the first registry snapshot. A new dict each call;
+        an instance that moves to another address gets a new breaker."""
+        return {iid: (m.instance, m.breaker) for iid, m in self._members.items() if m.breaker is not None}
+
 
 _NOT_BUILT: Any = object()
 

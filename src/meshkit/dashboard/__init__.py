@@ -24,9 +24,10 @@ a resilience source (the runner's: the gateway's policies and each service's ``/
 
 from __future__ import annotations
 
-from meshkit.dashboard._app import ASSETS, AuditEntry, DashboardApp, ResilienceSource, ServicesSource
+from meshkit.dashboard._app import ASSETS, DashboardApp, ResilienceSource, ServicesSource
 from meshkit.dashboard._logs import LEVELS, LogBuffer, LogEntry, LogPage
 from meshkit.dashboard._model import ServiceInfo, TraceTree, critical_path, endpoints_from_openapi, topology
+from meshkit.dashboard.audit import AuditEntry
 
 __all__ = [
     "ASSETS",

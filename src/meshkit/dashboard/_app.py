@@ -17,15 +17,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._core.optional import require
@@ -33,6 +31,7 @@ from meshkit._version import __version__
 from meshkit.dashboard._logs import LogBuffer
 from meshkit.dashboard._model import ServiceInfo, TraceTree, topology
 from meshkit.dashboard._openapi import OpenApiCache
+from meshkit.dashboard.audit import AuditEntry, append_audit, read_audit
 from meshkit.discovery import Instance, Registry
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Broker, GroupNotFound, Message
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.types import Receive, Scope, Send
 
-__all__ = ["ASSETS", "AuditEntry", "DashboardApp", "ResilienceSource", "ServicesSource"]
+__all__ = ["ASSETS", "DashboardApp", "ResilienceSource", "ServicesSource"]
 
 log = logging.getLogger(__name__)
 
@@ -84,55 +83,8 @@ _REASONS: Final = {
 }
 _MAX_BODY = 256 * 1024  # bytes of a POST body
 _MAX_DATA_TEXT = 20_000  # characters of a dead letter's data shown
-_AUDIT_BLOCK = 64 * 1024  # bytes read at a time from the end of the audit file
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    """One replay or discard done through the dashboard, at ``time`` (Unix seconds). ``count`` is how many messages
-    it settled; ``error`` says why it failed (then ``count`` is 0); ``client`` is the address the request came from
-    (the dashboard has no users: behind a proxy, the proxy's)."""
-
-    time: float
-    action: str
-    topic: str
-    ids: tuple[str, ...]
-    count: int
-    error: str | None = None
-    client: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The entry as ``/api/audit`` serves it and the audit file stores it (one line each)."""
-        return {
-            "time": self.time,
-            "action": self.action,
-            "topic": self.topic,
-            "ids": list(self.ids),
-            "requested": len(self.ids),
-            "count": self.count,
-            "error": self.error,
-            "client": self.client,
-        }
-
-    @classmethod
-    def from_json(cls, document: Any) -> AuditEntry:
-        """The entry :meth:`to_json` gave (``requested`` is derived, so ignored); TypeError if it is not one."""
-        if not isinstance(document, dict):
-            raise TypeError("an audit entry is a JSON object")
-        time, ids, count = document.get("time"), document.get("ids"), document.get("count")
-        action, topic = document.get("action"), document.get("topic")
-        error, client = document.get("error"), document.get("client")
-        if not isinstance(time, int | float) or isinstance(time, bool) or not math.isfinite(time):
-            raise TypeError(f"time must be a number of seconds, got {time!r}")
-        if not isinstance(action, str) or not isinstance(topic, str):
-            raise TypeError("action and topic must be strings")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise TypeError("ids must be a list of strings")
-        if not isinstance(count, int) or isinstance(count, bool):
-            raise TypeError(f"count must be an integer, got {count!r}")
-        if not isinstance(error, str | None) or not isinstance(client, str | None):
-            raise TypeError("error and client must be strings or null")
-        return cls(float(time), action, topic, tuple(ids), count, error, client)
+_UNREAD: Final = object()
+_LAG_CONCURRENCY = 8  # consumer groups whose lag is asked of the broker at once
 
 
 class _ApiError(Exception):
@@ -152,9 +104,10 @@ class DashboardApp:
     it reads ``topology_sample`` recent traces per called service to tell calls from messages. Listing or settling
     dead letters handles at most ``dlq_limit`` messages per request; the audit log keeps ``audit_size`` entries.
     With ``audit_path``, every audit entry is also appended to that file (JSON lines, flushed to disk before the
-    request answers) and the file's last ``audit_size`` entries are read back here, so the audit outlives the
-    process; a line that is not an entry is skipped with a warning, a file that cannot be read raises
-    :class:`~meshkit.errors.ConfigurationError`.
+    request answers, :mod:`meshkit.dashboard.audit`) and the file's last ``audit_size`` entries are read back here,
+    so the audit outlives the process; ``/api/audit`` reads the file again when it changed, so what others append
+    (``meshkit dlq replay|discard``) shows too. A line that is not an entry is skipped with a warning, a file that
+    cannot be read at the start raises :class:`~meshkit.errors.ConfigurationError`.
 
     Serve it like any ASGI app (``uvicorn.Config(dashboard, lifespan="on")``) or mount it under a path; close it
     with :meth:`aclose` (its lifespan shutdown does that too).
@@ -200,8 +153,10 @@ class DashboardApp:
         # outlives its cancelled request from interleaving with the next
         self._audit_order = asyncio.Lock()
         self._audit_file_lock = threading.Lock()
+        self._audit_seen: object = _UNREAD  # the audit file's (inode, size, mtime) when it was last read
+        self._unwritten: deque[AuditEntry] = deque(maxlen=audit_size)  # entries the file refused, kept here
         if audit_path is not None:
-            self._audit.extend(_read_audit(audit_path, audit_size))
+            self._audit.extend(self._read_audit_file(audit_path) or ())
         self._dlq_locks: dict[str, asyncio.Lock] = {}
         self._assets: dict[str, tuple[bytes, str]] = {}
         self._closed = False
@@ -217,7 +172,8 @@ class DashboardApp:
 
     @property
     def audit(self) -> list[AuditEntry]:
-        """The replays and discards done through the dashboard, oldest first."""
+        """The replays and discards done through the dashboard, oldest first; with ``audit_path``, those in the
+        file as it was last read (at the start, and by ``/api/audit`` when it changed)."""
         return list(self._audit)
 
     async def aclose(self) -> None:
@@ -503,11 +459,12 @@ class DashboardApp:
 
     async def _messaging(self, request: Request) -> dict[str, Any]:
         out = []
-        for topic, groups in self._topics().items():
+        topics = self._topics()
+        if self.broker is not None:
+            await self._lags(topics)
+        for topic, groups in topics.items():
             row: dict[str, Any] = {"topic": topic, "groups": groups, "dlq": None, "dlq_truncated": False}
             if self.broker is not None:
-                for group in groups:
-                    group.update(await self._lag(topic, group["group"]))
                 try:
                     size = len(await self._dead_letters(topic, self._dlq_limit))
                 except Unavailable as exc:
@@ -517,6 +474,23 @@ class DashboardApp:
                     row["dlq_truncated"] = size >= self._dlq_limit
             out.append(row)
         return {"broker": self.broker is not None, "topics": out}
+
+    async def _lags(self, topics: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Add :meth:`_lag` to every group of ``topics``, asking the broker about up to ``_LAG_CONCURRENCY`` groups
+        at once. An error :meth:`_lag` does not turn into a ``lag_error`` is raised once every question is
+        answered (none is left running)."""
+        bound = asyncio.Semaphore(_LAG_CONCURRENCY)
+
+        async def one(topic: str, group: dict[str, Any]) -> None:
+            async with bound:
+                group.update(await self._lag(topic, group["group"]))
+
+        done = await asyncio.gather(
+            *(one(topic, group) for topic, groups in topics.items() for group in groups), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _lag(self, topic: str, group: str) -> dict[str, Any]:
         """``lag``: how far ``group`` is behind on ``topic`` (``waiting``, ``in_flight``, ``total``; None for what
@@ -602,7 +576,38 @@ class DashboardApp:
         return list(dict.fromkeys(ids))
 
     async def _audit_api(self, request: Request) -> dict[str, Any]:
+        if self._audit_path is not None:
+            await self._reread_audit(self._audit_path)
         return {"entries": [e.to_json() for e in reversed(self._audit)]}
+
+    async def _reread_audit(self, path: Path) -> None:
+        """Read the audit file again if it changed since it was last read (another process appends to it too),
+        keeping the entries this dashboard could not write to it. A file that cannot be read now leaves the audit
+        as it was."""
+        async with self._audit_order:  # not halfway through an append of ours
+            try:
+                read = await asyncio.to_thread(self._read_audit_file, path)
+            except (OSError, ConfigurationError) as exc:
+                log.debug("cannot read the audit file again: %s", exc, extra={"path": str(path)})
+                return
+            if read is not None:
+                merged = sorted(dict.fromkeys([*read, *self._unwritten]), key=lambda e: e.time)
+                self._audit.clear()
+                self._audit.extend(merged)
+
+    def _read_audit_file(self, path: Path) -> list[AuditEntry] | None:
+        """The file's last entries, or None when it is as it was last read (blocking: the file is read)."""
+        try:
+            found = path.stat()
+        except FileNotFoundError:
+            seen: tuple[int, int, int] | None = None
+        else:
+            seen = (found.st_ino, found.st_size, found.st_mtime_ns)
+        if seen == self._audit_seen:
+            return None
+        entries = read_audit(path, self._audit.maxlen or 1)
+        self._audit_seen = seen
+        return entries
 
     async def _record(self, entry: AuditEntry) -> None:
         """Keep ``entry`` and append it to the audit file. The action is done by now: a file that cannot be
@@ -610,11 +615,11 @@ class DashboardApp:
         self._audit.append(entry)
         if self._audit_path is None:
             return
-        line = json.dumps(entry.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
         try:
             async with self._audit_order:
-                await asyncio.to_thread(_append_line, self._audit_path, line.encode(), self._audit_file_lock)
+                await asyncio.to_thread(append_audit, self._audit_path, entry, self._audit_file_lock)
         except OSError:
+            self._unwritten.append(entry)
             log.exception(
                 "could not write to the dashboard's audit file",
                 extra={"path": str(self._audit_path), "action": entry.action, "topic": entry.topic},
@@ -646,74 +651,6 @@ class DashboardApp:
             "truncated": page.truncated,
             "services": self.logs.services(),
         }
-
-
-# -- the audit file ------------------------------------------------------------------------------------------------
-
-
-def _append_line(path: Path, line: bytes, lock: threading.Lock) -> None:
-    """Append ``line`` to ``path`` and flush it to disk. A last line cut short (the process died while writing it)
-    is ended first, so that only it is lost, not the entry written after it."""
-    with lock:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a+b") as file:
-            end = file.seek(0, os.SEEK_END)
-            if end:
-                file.seek(end - 1)
-                if file.read(1) != b"\n":
-                    line = b"\n" + line
-            file.write(line)  # append mode: at the end, whatever the position
-            file.flush()
-            os.fsync(file.fileno())
-
-
-def _read_audit(path: Path, size: int) -> list[AuditEntry]:
-    """The last ``size`` entries of the audit file at ``path``, oldest first (none if it does not exist). The file
-    is read from its end, so starting costs the same however long the history is."""
-    entries: list[AuditEntry] = []
-    try:
-        file = path.open("rb")
-    except FileNotFoundError:
-        return entries
-    except OSError as exc:  # a directory, no permission: the audit would be lost, so say it at once
-        raise ConfigurationError(
-            f"cannot read the dashboard's audit file {path}: {exc}", hint="audit_path must name a readable file"
-        ) from exc
-    with file:
-        for offset, raw in _lines_backwards(file):
-            if not raw.strip():
-                continue
-            try:
-                entries.append(AuditEntry.from_json(json.loads(raw)))
-            except (ValueError, TypeError) as exc:  # not JSON (or not UTF-8), or not an entry
-                log.warning(
-                    "skipped a line of the dashboard's audit file that is not an audit entry",
-                    extra={"path": str(path), "offset": offset, "reason": str(exc)},
-                )
-                continue
-            if len(entries) == size:
-                break
-    entries.reverse()
-    return entries
-
-
-def _lines_backwards(file: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """The lines of a binary ``file``, last first, each with the byte offset where it starts."""
-    position = file.seek(0, os.SEEK_END)
-    partial = b""
-    while position > 0:
-        step = min(_AUDIT_BLOCK, position)
-        position -= step
-        file.seek(position)
-        chunk = file.read(step) + partial
-        first, *lines = chunk.split(b"\n")
-        end = position + len(chunk)
-        for line in reversed(lines):
-            end -= len(line)
-            yield end, line
-            end -= 1
-        partial = first
-    yield 0, partial
 
 
 # -- shaping -------------------------------------------------------------------------------------------------------

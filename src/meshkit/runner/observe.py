@@ -23,7 +23,7 @@ from meshkit.discovery import Instance, Registry
 from meshkit.messaging import Broker
 from meshkit.runner.system import System
 from meshkit.runtime import Service
-from meshkit.runtime.metrics import PolicyLog, Watchable, breaker_json, client_policies, client_watches
+from meshkit.runtime.metrics import BreakerGroup, PolicyLog, Watchable, breaker_json, client_policies, client_watches
 from meshkit.runtime.service import RESILIENCE_PATH
 
 if TYPE_CHECKING:
@@ -169,8 +169,8 @@ class GatewayPolicies:
         self._watched: dict[int, tuple[object, Callable[[], None]]] = {}  # id(policy) -> (policy, unsubscribe)
         self.refresh()
 
-    def _policies(self) -> list[tuple[str, Watchable]]:
-        out: list[tuple[str, Watchable]] = []
+    def _policies(self) -> list[tuple[str, Watchable | BreakerGroup]]:
+        out: list[tuple[str, Watchable | BreakerGroup]] = []
         for route in self.gateway.routes:
             if route.breaker is not None:
                 out.append((f"route {route.name}", route.breaker))

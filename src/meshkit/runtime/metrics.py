@@ -14,8 +14,9 @@
   has no in-flight count, Kafka tells only the sum, exported as ``state="total"``).
 
 And what ``/_meshkit/resilience`` answers (:func:`client_policies`, :class:`PolicyLog`): the state of each client's
-circuit breaker with its recent transitions, and the calls its bulkhead refused. The gateway's rows (built by the
-runner) come from the same functions, so a breaker looks the same wherever it lives.
+circuit breakers (the one for the whole downstream service and one per instance of it) with their recent
+transitions, and the calls its bulkhead refused. The gateway's rows (built by the runner) come from the same
+functions, so a breaker looks the same wherever it lives.
 """
 
 from __future__ import annotations
@@ -23,14 +24,24 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from meshkit._core.clock import Clock
 from meshkit._core.metrics import MetricSet
 from meshkit.client import ServiceClient
+from meshkit.discovery import Instance
 from meshkit.resilience import BreakerState, BreakerTransition, CallRejected, CircuitBreaker, Event, Events
 
-__all__ = ["PolicyLog", "ServiceMetrics", "Watchable", "breaker_json", "client_policies", "client_watches"]
+__all__ = [
+    "BreakerGroup",
+    "PolicyLog",
+    "ServiceMetrics",
+    "Watchable",
+    "breaker_json",
+    "client_policies",
+    "client_watches",
+    "instance_key",
+]
 
 _STATES = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 DLQ_COUNT_LIMIT = 10_000
@@ -99,6 +110,30 @@ class Watchable(Protocol):
     def events(self) -> Events: ...
 
 
+@runtime_checkable
+class BreakerGroup(Protocol):
+    """Breakers that come and go: a :class:`~meshkit.client.ServiceClient`'s, one per instance of its downstream
+    (:meth:`~meshkit.client.ServiceClient.instance_breakers`: by instance id, with the instance)."""
+
+    def instance_breakers(self) -> Mapping[str, tuple[Instance, CircuitBreaker]]: ...
+
+
+def instance_key(key: str, instance_id: str) -> str:
+    """The key in a :class:`PolicyLog` of the breaker of instance ``instance_id`` of a group watched under ``key``."""
+    return f"{key} @{instance_id}"
+
+
+class _Group:
+    """A :class:`BreakerGroup` a log follows, and the breakers of it the log listens to (by instance id)."""
+
+    __slots__ = ("key", "source", "watched")
+
+    def __init__(self, key: str, source: BreakerGroup) -> None:
+        self.key = key
+        self.source = source
+        self.watched: dict[str, tuple[CircuitBreaker, Callable[[], None]]] = {}
+
+
 class PolicyLog:
     """What resilience policies reported: each breaker's last ``history`` state changes, and per kind of rejection
     (``circuit_open``, ``bulkhead_full``, ``rate_limited``) how many calls a policy refused and when it last did.
@@ -107,6 +142,12 @@ class PolicyLog:
     share a name) until the function it returns is called. Times are Unix seconds: a transition's clock time is
     converted with the policy's clock when the event arrives. Listeners may run on any thread (a sync pipeline's),
     so the log takes a lock; it is bounded by the number of keys watched (see :meth:`retain`).
+
+    A :class:`BreakerGroup` (a client's per-instance breakers) is watched as one: each of its breakers under
+    :func:`instance_key` of ``key``. The log listens to the breakers the group has when it is watched, and looks for
+    new ones (and forgets those of instances that left) on :meth:`refresh`, which :func:`client_policies` calls
+    before it reads: a client learns its instances on its first call, so an instance breaker's transitions are
+    recorded from the first time the log is read after that.
     """
 
     def __init__(self, history: int = 20) -> None:
@@ -116,9 +157,14 @@ class PolicyLog:
         self._lock = threading.Lock()
         self._transitions: dict[str, deque[dict[str, Any]]] = {}
         self._rejected: dict[str, dict[str, tuple[int, float]]] = {}  # key -> kind -> (count, last time)
+        self._follow_lock = threading.Lock()  # the groups and what is watched of them
+        self._groups: dict[int, _Group] = {}
 
-    def watch(self, key: str, policy: Watchable) -> Callable[[], None]:
-        """Record ``policy``'s transitions and rejections under ``key``; returns the function that stops it."""
+    def watch(self, key: str, policy: Watchable | BreakerGroup) -> Callable[[], None]:
+        """Record ``policy``'s transitions and rejections under ``key`` (a group's: each breaker's under
+        :func:`instance_key`); returns the function that stops it."""
+        if isinstance(policy, BreakerGroup):
+            return self._follow(key, policy)
         clock = policy.clock
 
         def listen(event: Event) -> None:
@@ -129,6 +175,45 @@ class PolicyLog:
                 self._rejection(key, event.kind, clock.wall())
 
         return policy.events.subscribe(listen)
+
+    def _follow(self, key: str, source: BreakerGroup) -> Callable[[], None]:
+        group = _Group(key, source)
+        with self._follow_lock:
+            self._groups[id(group)] = group
+            self._sync(group)
+
+        def stop() -> None:
+            with self._follow_lock:
+                self._groups.pop(id(group), None)
+                watched, group.watched = group.watched, {}
+                for _, unsubscribe in watched.values():
+                    unsubscribe()
+
+        return stop
+
+    def refresh(self) -> None:
+        """Listen to the breakers the watched groups gained since the last look, and forget those they lost."""
+        with self._follow_lock:
+            for group in list(self._groups.values()):
+                self._sync(group)
+
+    def _sync(self, group: _Group) -> None:  # (under the follow lock)
+        current = group.source.instance_breakers()
+        for iid in list(group.watched):
+            now = current.get(iid)
+            breaker, unsubscribe = group.watched[iid]
+            if now is None or now[1] is not breaker:  # gone, or moved to another address (a new breaker)
+                del group.watched[iid]
+                unsubscribe()
+                self._forget(instance_key(group.key, iid))
+        for iid, (_, breaker) in current.items():
+            if iid not in group.watched:
+                group.watched[iid] = (breaker, self.watch(instance_key(group.key, iid), breaker))
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._transitions.pop(key, None)
+            self._rejected.pop(key, None)
 
     def _transition(self, key: str, event: BreakerTransition, at: float) -> None:
         row = {
@@ -167,10 +252,13 @@ class PolicyLog:
         return found[1] if found is not None else None
 
     def retain(self, keys: Collection[str]) -> None:
-        """Forget what was recorded under any other key (policies that are gone)."""
+        """Forget what was recorded under any other key (policies that are gone), but for the breakers of the
+        groups still watched."""
+        with self._follow_lock:
+            kept = {instance_key(g.key, iid) for g in self._groups.values() for iid in g.watched}
         with self._lock:
             for table in (self._transitions, self._rejected):
-                for key in [k for k in table if k not in keys]:
+                for key in [k for k in table if k not in keys and k not in kept]:
                     del table[key]
 
 
@@ -194,15 +282,22 @@ def breaker_json(key: str, breaker: CircuitBreaker, log: PolicyLog, **labels: An
     }
 
 
-def client_watches(prefix: str, clients: Mapping[str, ServiceClient]) -> list[tuple[str, Watchable]]:
-    """The policies of ``clients`` (by the name each is known under) to watch, with their keys in a log."""
-    out: list[tuple[str, Watchable]] = []
+def client_watches(prefix: str, clients: Mapping[str, ServiceClient]) -> list[tuple[str, Watchable | BreakerGroup]]:
+    """The policies of ``clients`` (by the name each is known under) to watch, with their keys in a log: each
+    client's breaker and bulkhead, and the client itself as the :class:`BreakerGroup` of its instance breakers."""
+    out: list[tuple[str, Watchable | BreakerGroup]] = []
     for name, client in clients.items():
         if client.breaker is not None:
             out.append((f"{prefix}{name} breaker", client.breaker))
+        if client.options.breaker is not None:
+            out.append((_instances_key(prefix, name), client))
         if client.bulkhead is not None:
             out.append((f"{prefix}{name} bulkhead", client.bulkhead))
     return out
+
+
+def _instances_key(prefix: str, name: str) -> str:
+    return f"{prefix}{name} instance breakers"
 
 
 def client_policies(
@@ -212,9 +307,13 @@ def client_policies(
     ``prefix``), each row carrying ``labels`` (where the clients live: ``service``, ``instance``, ``route``).
 
     A breaker row is :func:`breaker_json` with ``name`` (the client's name), ``kind``, ``client`` and
-    ``downstream`` (the service it calls). A rejection row is one per bulkhead: ``kind`` ``bulkhead_full``,
-    ``count`` (calls refused since the client was made), ``last`` (when the last one was), ``in_flight``,
-    ``waiting`` and ``limit``."""
+    ``downstream`` (the service it calls). Each client's row is followed by one per instance of the downstream
+    that the client keeps a breaker for (by instance id), ``kind`` ``"<kind> instance"``, with
+    ``downstream_instance`` (the instance's id) and ``downstream_address`` (``host:port``); ``instance`` stays
+    where the client lives. A rejection row is one per bulkhead: ``kind`` ``bulkhead_full``, ``count`` (calls
+    refused since the client was made), ``last`` (when the last one was), ``in_flight``, ``waiting`` and
+    ``limit``."""
+    log.refresh()  # instance breakers made since the last look
     breakers: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     for name, client in sorted(clients.items()):
@@ -222,6 +321,20 @@ def client_policies(
         if client.breaker is not None:
             key = f"{prefix}{name} breaker"
             breakers.append(breaker_json(key, client.breaker, log, name=name, kind=kind, **where))
+        group = _instances_key(prefix, name)
+        for iid, (instance, breaker) in sorted(client.instance_breakers().items()):
+            breakers.append(
+                breaker_json(
+                    instance_key(group, iid),
+                    breaker,
+                    log,
+                    name=name,
+                    kind=f"{kind} instance",
+                    **where,
+                    downstream_instance=iid,
+                    downstream_address=instance.address,
+                )
+            )
         if client.bulkhead is not None:
             m = client.bulkhead.metrics()
             rejections.append(

@@ -1347,7 +1347,7 @@
     const table = h(
       "table",
       { id: "resilience-table", class: "grid" },
-      header(["Breaker", "Kind", "Where", "State", "Failure rate", "Calls", "Failed", "Rejected", "Last change"]),
+      header(["Breaker", "Kind", "Where", "Instance", "State", "Failure rate", "Calls", "Failed", "Rejected", "Last change"]),
       body,
     );
     const transitions = h("ul", { id: "transitions" });
@@ -1388,6 +1388,11 @@
       return b.downstream && b.downstream !== name ? `${name} → ${b.downstream}` : name;
     };
     const cell = (value) => h("td", { class: "num" }, value === null || value === undefined ? "–" : String(value));
+    // the instance of the downstream a per-instance client breaker guards (none for the others)
+    const targetOf = (b) => {
+      if (!b.downstream_instance) return "";
+      return b.downstream_address ? `${b.downstream_instance} (${b.downstream_address})` : String(b.downstream_instance);
+    };
 
     function renderBreakers(breakers) {
       const rows = breakers.map((b) => {
@@ -1397,10 +1402,14 @@
         const last = (b.transitions || []).at(-1);
         return h(
           "tr",
-          { class: "breaker-row", dataset: { name, state, kind: String(pick(b, "kind") ?? ""), service: String(pick(b, "service") ?? "") } },
+          {
+            class: "breaker-row",
+            dataset: { name, state, kind: String(pick(b, "kind") ?? ""), service: String(pick(b, "service") ?? ""), instance: String(b.downstream_instance ?? "") },
+          },
           h("td", {}, h("strong", {}, name)),
           h("td", {}, String(pick(b, "kind") ?? (b.route ? "route" : b.client ? "client" : "–"))),
           h("td", {}, whereOf(b)),
+          h("td", { class: "instance" }, targetOf(b) || "–"),
           h("td", {}, h("span", { class: `badge state-${state}` }, state.replace("_", "-"))),
           h("td", { class: "num" }, rate === null || rate < 0 ? "–" : `${Number(rate).toFixed(1)}%`),
           cell(pick(b, "calls")),
@@ -1409,11 +1418,12 @@
           h("td", { class: "muted" }, last ? `${fmtTime(last.time)} → ${last.to}` : "–"),
         );
       });
-      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No circuit breakers.")));
+      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 10, class: "muted" }, "No circuit breakers.")));
       body.replaceChildren(...rows);
       const events = [];
       for (const b of breakers) {
-        for (const t of b.transitions || []) events.push({ name: breakerName(b), where: whereOf(b), ...t });
+        const name = b.downstream_instance ? `${breakerName(b)} @ ${targetOf(b)}` : breakerName(b);
+        for (const t of b.transitions || []) events.push({ name, where: whereOf(b), ...t });
       }
       events.sort((a, b) => (b.time || 0) - (a.time || 0));
       transitions.replaceChildren(
@@ -1457,7 +1467,7 @@
 
     function render(data) {
       if (!data.available) {
-        body.replaceChildren(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "The runner gave the dashboard no resilience source.")));
+        body.replaceChildren(h("tr", {}, h("td", { colspan: 10, class: "muted" }, "The runner gave the dashboard no resilience source.")));
         transitions.replaceChildren();
         refusedBody.replaceChildren();
         unreachable.replaceChildren();
@@ -1482,7 +1492,7 @@
     const table = h(
       "table",
       { id: "audit-list", class: "grid" },
-      h("thead", {}, h("tr", {}, ["Time", "Action", "Topic", "Settled", "Error"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Time", "Action", "Topic", "Settled", "By", "Error"].map((t) => h("th", {}, t)))),
       body,
     );
     async function load() {
@@ -1495,12 +1505,14 @@
             h("td", { class: "nowrap" }, fmtTime(e.time)),
             h("td", {}, e.action),
             h("td", {}, e.topic),
-            h("td", { class: "num", title: e.ids.join(", ") }, `${e.count}/${e.requested}`),
+            // no ids: every dead letter of the topic was asked for (meshkit dlq without --id)
+            h("td", { class: "num", title: e.ids.length ? e.ids.join(", ") : "every dead letter" }, `${e.count}/${e.requested || "all"}`),
+            h("td", { class: "muted" }, e.client || "–"),
             h("td", { class: "error-text" }, e.error || ""),
           ),
         ),
       );
-      if (!data.entries.length) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "Nothing replayed or discarded yet.")));
+      if (!data.entries.length) body.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "Nothing replayed or discarded yet.")));
     }
     return { table, load };
   }
