@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshkit.tracing import current_headers
+from meshkit.tracing import current_headers, extracted
 from meshkit.tracing.spans import provider, server_span, span
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -78,6 +78,20 @@ def test_a_server_span_has_the_parent_the_w3c_propagator_reads(
         assert ours.trace_id != int(TRACE, 16), "an invalid traceparent starts a new trace"
         (done,) = spans
         assert done.parent is None
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_extracted_makes_the_context_the_w3c_propagator_makes(header: str) -> None:
+    expected = propagate.extract({"traceparent": header})
+    with extracted({"traceparent": header, "content-type": "application/json"}):
+        ours = context.get_current()
+        current = trace.get_current_span()
+    assert ours == expected or (
+        # the same current span context (the span objects differ): nothing else in either context
+        list(ours) == list(expected)
+        and current.get_span_context() == trace.get_current_span(expected).get_span_context()
+    )
+    assert trace.get_current_span() is trace.INVALID_SPAN  # detached on leaving
 
 
 def test_a_server_span_with_tracestate_and_baggage_takes_the_general_path(

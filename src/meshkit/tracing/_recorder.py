@@ -36,7 +36,6 @@ import collections
 import logging
 import os
 import random
-import re
 import threading
 import time
 import traceback
@@ -55,7 +54,7 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from meshkit.tracing.propagation import otel_runtime
+from meshkit.tracing.propagation import otel_runtime, parse_traceparent
 
 __all__ = ["BatchProcessor", "Span", "Tracer", "TracerProvider"]
 
@@ -109,7 +108,6 @@ class RemoteParent:
     from the header. Its ``SpanContext`` (remote) is built only when an exporter asks for the child's parent."""
 
     __slots__ = ("__weakref__", "_built", "_flags", "_span_id", "_trace_id")
-    _PATTERN = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
     def __init__(self, trace_id: int, span_id: int, flags: int) -> None:
         self._trace_id, self._span_id, self._flags = trace_id, span_id, flags
@@ -117,13 +115,10 @@ class RemoteParent:
 
     @classmethod
     def parse(cls, traceparent: str) -> RemoteParent | None:
-        """The parent ``traceparent`` names, or None when it is not a plain, valid version-00 value (the W3C
-        propagator then decides what it means: future versions, whitespace, invalid ids)."""
-        match = cls._PATTERN.fullmatch(traceparent)
-        if match is None:
-            return None
-        trace_id, span_id = int(match[1], 16), int(match[2], 16)
-        return cls(trace_id, span_id, int(match[3], 16)) if trace_id and span_id else None
+        """The parent ``traceparent`` names, or None when it is not a plain, valid version-00 value (see
+        :func:`meshkit.tracing.propagation.parse_traceparent`)."""
+        ids = parse_traceparent(traceparent)
+        return cls(*ids) if ids is not None else None
 
     @property
     def context(self) -> SpanContext:

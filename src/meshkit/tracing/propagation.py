@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
+import re
 from collections.abc import Mapping, MutableMapping
 from types import ModuleType, TracebackType
 from typing import Any
@@ -107,6 +108,19 @@ def inject(headers: MutableMapping[str, str]) -> None:
         headers.setdefault(key, value)
 
 
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """``(trace_id, span_id, flags)`` of a plain, valid version-00 ``traceparent``; None for anything else (the W3C
+    propagator then decides what it means: future versions, whitespace, invalid ids)."""
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
+        return None
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    return (trace_id, span_id, int(match[3], 16)) if trace_id and span_id else None
+
+
 def otel_runtime() -> tuple[contextvars.ContextVar[Any] | None, str]:
     """OpenTelemetry's current-Context variable (None under a runtime context other than its default one: use
     ``opentelemetry.context`` then), and the key the current span is stored under in a Context. Needs
@@ -142,7 +156,14 @@ class extracted:
         otel = _otel()
         if otel is None:
             return
-        self._otel_token = otel.context.attach(otel.propagate.extract(carried))
+        context = None
+        if len(carried) == 1 and otel.default_propagation():  # a lone traceparent: what the W3C propagator reads
+            ids = parse_traceparent(carried.get("traceparent", ""))
+            if ids is not None:
+                trace = otel.trace
+                parent = trace.SpanContext(ids[0], ids[1], is_remote=True, trace_flags=trace.TraceFlags(ids[2]))
+                context = otel.context.Context({otel.span_key: trace.NonRecordingSpan(parent)})
+        self._otel_token = otel.context.attach(context if context is not None else otel.propagate.extract(carried))
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
