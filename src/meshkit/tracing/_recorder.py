@@ -204,7 +204,7 @@ class Span(trace_api.Span, ReadableSpan):
     def w3c_headers(self, carrier: dict[str, str]) -> None:
         """Write this span's W3C ``traceparent`` (and ``tracestate``, if any) into ``carrier``, as the W3C
         propagator would, without building its ``SpanContext``."""
-        carrier["traceparent"] = f"00-{self._trace_id:032x}-{self._span_id:016x}-{self._flags:02x}"
+        carrier["traceparent"] = "00-%032x-%016x-%02x" % (self._trace_id, self._span_id, self._flags)  # noqa: UP031 - faster
         state = self._trace_state
         if state is not _EMPTY_STATE and state:
             carrier["tracestate"] = state.to_header()

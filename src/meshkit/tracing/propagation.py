@@ -85,8 +85,10 @@ def current_headers() -> dict[str, str]:
                 elif isinstance(current, otel.trace.Span):
                     span_context = current.get_span_context()
                     if span_context.is_valid:
-                        carrier["traceparent"] = (
-                            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+                        carrier["traceparent"] = "00-%032x-%016x-%02x" % (  # noqa: UP031 - twice as fast
+                            span_context.trace_id,
+                            span_context.span_id,
+                            span_context.trace_flags,
                         )
                         if span_context.trace_state:
                             carrier["tracestate"] = span_context.trace_state.to_header()
@@ -108,17 +110,16 @@ def inject(headers: MutableMapping[str, str]) -> None:
         headers.setdefault(key, value)
 
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # groups would cost more than slices
 
 
 def parse_traceparent(value: str) -> tuple[int, int, int] | None:
     """``(trace_id, span_id, flags)`` of a plain, valid version-00 ``traceparent``; None for anything else (the W3C
     propagator then decides what it means: future versions, whitespace, invalid ids)."""
-    match = _TRACEPARENT.fullmatch(value)
-    if match is None:
+    if _TRACEPARENT.fullmatch(value) is None:
         return None
-    trace_id, span_id = int(match[1], 16), int(match[2], 16)
-    return (trace_id, span_id, int(match[3], 16)) if trace_id and span_id else None
+    trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+    return (trace_id, span_id, int(value[53:], 16)) if trace_id and span_id else None
 
 
 def otel_runtime() -> tuple[contextvars.ContextVar[Any] | None, str]:
