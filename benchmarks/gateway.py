@@ -4,7 +4,8 @@
 
 Needs wrk and nginx (Debian: ``scripts/install-bench-tools.sh``). The upstream is nginx answering ``ok``; the
 load generator is ``wrk -t2 -cN``. Measured, for 1 and 2 workers each: direct to the upstream; nginx as a reverse
-proxy (keep-alive to the upstream); the meshkit gateway with no plugins; the meshkit gateway with JWT + rate
+proxy (keep-alive to the upstream); with 1 worker, the floor under any Python proxy (``benchmarks/python_relay.py``:
+a uvloop byte relay that parses nothing); the meshkit gateway with no plugins; the meshkit gateway with JWT + rate
 limit + access log. Then the latency the gateway adds at half of its own maximum rate: wrk paced by a Lua
 ``delay()`` to that rate, direct and through the gateway, p99 difference.
 """
@@ -200,6 +201,20 @@ def main() -> None:
             rows.append(ng)
             print(f"{ng.name}: {ng.rps:,.0f} rps", file=sys.stderr)
             stop(proxy)
+            if workers == 1:  # the floor under any Python proxy on this machine (benchmarks/python_relay.py)
+                rport = free_port()
+                relay = subprocess.Popen(
+                    [PYTHON, str(ROOT / "benchmarks" / "python_relay.py"), str(rport), str(up_port)]
+                )
+                procs.append(relay)
+                wait_port(rport)
+                wrk(f"http://127.0.0.1:{rport}/", 2, c, [])
+                floor = wrk(f"http://127.0.0.1:{rport}/", d, c, [])
+                floor.name = "peer: Python floor, a uvloop byte relay (no HTTP parsing), 1 process"
+                floor.name += f" — {floor.rps / ng.rps:.2f}x nginx"
+                rows.append(floor)
+                print(f"{floor.name}: {floor.rps:,.0f} rps", file=sys.stderr)
+                stop(relay)
             for plugins in (False, True):
                 name = f"gw{workers}{'p' if plugins else ''}"
                 gport = free_port()
