@@ -317,6 +317,9 @@ class Span(trace_api.Span, ReadableSpan):
                 self.end()
 
 
+_SHUTDOWN_SECONDS = 30.0  # the SDK's batch processor waits as long
+
+
 class BatchProcessor(SpanProcessor):
     """Sampled spans wait in a queue and a thread of the processor exports them, ``max_export_batch_size`` at a
     time: when that many are waiting, every ``schedule_delay_millis`` otherwise, and on :meth:`force_flush` and
@@ -392,7 +395,9 @@ class BatchProcessor(SpanProcessor):
                 return
             self._stopping = True
         self._wake.set()
-        self._thread.join()
+        self._thread.join(_SHUTDOWN_SECONDS)
+        if self._thread.is_alive():  # an exporter stuck on an unreachable endpoint: the daemon thread is left
+            log.warning("span export still running %.0f s into shutdown; spans left are dropped", _SHUTDOWN_SECONDS)
         self._exporter.shutdown()
 
     def _work(self) -> None:
