@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -77,6 +78,10 @@ def _serve(config: str, watch: bool, *, reuse_port: bool, admin: bool) -> None:
     async def main() -> None:
         gateway = Gateway(load_config(config), path=config, reuse_port=reuse_port, admin=admin)
         await gateway.start(watch=watch)
+        # What start-up made (modules, config, plugins) stays for the life of the process: out of the collector's
+        # sight, a full collection no longer walks it (one took 31 ms under load, a p99 spike of its own).
+        gc.collect()
+        gc.freeze()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
