@@ -45,9 +45,18 @@ class Histogram:
         self.values: dict[Labels, list[float]] = {}  # per bucket (the last: +Inf), then the sum
 
     def observe(self, labels: Labels, value: float) -> None:
+        self.add(self.series(labels), value)
+
+    def series(self, labels: Labels) -> list[float]:
+        """The counts kept for ``labels`` (per bucket, the last +Inf, then the sum), made on first use. A path that
+        records the same series over and over keeps it and calls :meth:`add`, skipping the look-up."""
         counts = self.values.get(labels)
         if counts is None:
             counts = self.values[labels] = [0.0] * (len(self.buckets) + 2)
+        return counts
+
+    def add(self, counts: list[float], value: float) -> None:
+        """Record ``value`` in ``counts``, a series of this histogram (:meth:`series`)."""
         counts[bisect.bisect_left(self.buckets, value)] += 1
         counts[-1] += value
 

@@ -64,11 +64,14 @@ _WATCH_RETRY_FIRST, _WATCH_RETRY_MAX = 0.1, 5.0
 class _Member:
     """One known instance and what the client keeps for it."""
 
-    __slots__ = ("breaker", "instance", "runners", "unsubscribe")
+    __slots__ = ("breaker", "erred", "instance", "runners", "unsubscribe")
 
     def __init__(self, instance: Instance, breaker: CircuitBreaker | None) -> None:
         self.instance = instance
         self.breaker = breaker
+        #: an error was given to the outlier detector since the last success: it may hold a count to clear (else a
+        #: success has nothing to tell it; the detector belongs to this client, which alone feeds it)
+        self.erred = False
         self.runners: dict[float | None, Bound | None] = {}  # per attempt timeout: breaker | Timeout
         self.unsubscribe: Callable[[], None] | None = None
 
@@ -375,6 +378,10 @@ class ServiceClient:
         outlier = self.outlier
         if outlier is None or self._members.get(member.instance.id) is not member:
             return
+        failed = status is None or status >= 500  # what OutlierDetector.record counts as an error
+        if not (failed or member.erred):
+            return  # a success after successes: no error count to reset (the rotation learnt the id already)
+        member.erred = failed
         if outlier.record(member.instance.id, status):
             self._dirty = True
             log.info(
@@ -699,8 +706,8 @@ class ServiceClient:
         else:
             self._outstanding.pop(iid, None)
         member = self._members.get(iid) if counted else None
-        if member is not None:
-            self._outcome(member, status)
+        if member is not None and (member.erred or status is None or status >= 500):
+            self._outcome(member, status)  # (else a success after successes: nothing to tell, see _outcome)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 

@@ -35,8 +35,8 @@ __all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
 
 class Metrics(Observer):
-    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix). Recording is
-    a dictionary update per request (see :mod:`meshkit._core.metrics`)."""
+    """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix). Recording a
+    request finds its series in one dictionary and adds to them (see :mod:`meshkit._core.metrics`)."""
 
     def __init__(self) -> None:
         self.set = MetricSet("gateway")
@@ -53,6 +53,10 @@ class Metrics(Observer):
             "Upstream attempts that failed without an answer",
             ("route", "upstream", "kind"),
         )
+        # per (route, upstream, status): the labels of its requests counter and its route's duration series, kept
+        # so that a request builds no label tuple or string and looks up no histogram series
+        self._series: dict[tuple[str, str, int], tuple[tuple[str, str, str], list[float]]] = {}
+        self._request_counts = self._requests.values
         self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
         self.set.gauge(
             "meshkit_gateway_breaker_state",
@@ -62,8 +66,13 @@ class Metrics(Observer):
         )
 
     def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
-        self._requests.inc((route, upstream, str(status)))
-        self._duration.observe((route,), elapsed)
+        series = self._series.get((route, upstream, status))
+        if series is None:  # the first request of its kind: its series made and kept for the next ones
+            labels = (route, upstream, str(status))
+            self._requests.inc(labels, 0.0)
+            series = self._series[route, upstream, status] = (labels, self._duration.series((route,)))
+        self._request_counts[series[0]] += 1.0
+        self._duration.add(series[1], elapsed)
 
     def upstream_error(self, route: str, upstream: str, kind: str) -> None:
         self._errors.inc((route, upstream, kind))

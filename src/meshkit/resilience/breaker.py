@@ -16,14 +16,21 @@ the window is the buckets ``floor(now) - window_size + 1 .. floor(now)``).
 
 A call admitted in one state and finished after the breaker moved on is not counted (each state has a
 generation), so a slow call from before a trip can never close or re-open the circuit.
+
+The steady state costs no lock: while the circuit is CLOSED with a full count window and calls are not timed, a
+success cannot change the verdict (it replaces the oldest outcome: the number of calls stays, the failed count can
+only fall), so it is only counted, by one ``next()`` on an ``itertools.count`` (atomic under the GIL). Whatever
+next looks at or changes the window under the lock first adds those successes to it, in order, so every figure
+and transition is the one recording them one by one would give.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,6 +87,19 @@ class _CountWindow:
         self._head = head + 1 if head + 1 < self._size else 0
         return self._n, self._failed, self._slow
 
+    def add_successes(self, count: int) -> None:
+        """Add ``count`` successes that were not slow to a full window (the lock-free path's, see the module)."""
+        ring, size = self._ring, self._size
+        head = self._head
+        for _ in range(min(count, size)):
+            old = ring[head]
+            if old:
+                ring[head] = 0
+                self._failed -= old & 1
+                self._slow -= old >> 1
+            head = head + 1 if head + 1 < size else 0
+        self._head = head  # (past ``size`` successes the ring is all zeros: where it starts no longer matters)
+
     def totals(self, now: float) -> tuple[int, int, int]:
         return self._n, self._failed, self._slow
 
@@ -134,7 +154,7 @@ def _rate(part: int, whole: int) -> float:
 
 
 class _BreakerCore:
-    """The state machine. Every method takes the lock.
+    """The state machine. Every method takes the lock, but for :meth:`record`'s lock-free success path.
 
     Events are queued under the lock, in the order the state changed, and emitted after it is released by
     whichever thread gets the emission lock first, oldest first: listeners never see ``OPEN -> HALF_OPEN``
@@ -160,6 +180,12 @@ class _BreakerCore:
         self.not_permitted = 0
         self.timed = policy.slow_call_duration is not None
         self.time_window = policy.window == "time"
+        # The lock-free success path (see the module docstring): ``successes`` is counted by calls of
+        # ``generation`` while the count window ``counts`` is full, the circuit CLOSED and calls untimed; None
+        # otherwise. ``folded``: what ``next(successes)`` gave when they were last added to the window, plus one.
+        self.counts = self.window if isinstance(self.window, _CountWindow) and not self.timed else None
+        self.successes: Iterator[int] | None = None
+        self.folded = 0
 
     def _flush(self) -> None:
         with self.emit_lock:
@@ -171,11 +197,26 @@ class _BreakerCore:
                 self.p.events.emit(event)
 
     # -- transitions (lock held) ------------------------------------------------------------------------------
+    def _fold(self) -> None:
+        """Add the successes counted without the lock to the window (before anything reads or changes it)."""
+        successes, counts = self.successes, self.counts
+        if successes is not None and counts is not None:
+            taken = next(successes)
+            if taken > self.folded:
+                counts.add_successes(taken - self.folded)
+            self.folded = taken + 1
+
+    def _stop_counting(self) -> None:
+        """End the lock-free path (before the generation changes: a call that still finds the old counter adds
+        to a counter nobody reads, as a call of a past generation should)."""
+        self.successes = None
+
     def _move(self, to: BreakerState, now: float, totals: tuple[int, int, int]) -> BreakerTransition:
         event = BreakerTransition(
             self.p.name, self.state, to, now, _rate(totals[1], totals[0]), _rate(totals[2], totals[0])
         )
         self.outbox.append(event)
+        self._stop_counting()  # (leaving CLOSED: record has added the lock-free successes to the window already)
         self.state = to
         self.generation += 1
         if to is BreakerState.OPEN:
@@ -225,6 +266,10 @@ class _BreakerCore:
 
     def record(self, generation: int, clock: Clock, failed: bool, started: float) -> None:
         """Count one finished call admitted in ``generation`` (which started at ``started`` if calls are timed)."""
+        successes = self.successes  # read before the generation (see _stop_counting)
+        if successes is not None and not failed and generation == self.generation:
+            next(successes)  # the steady state, without the lock: see the module docstring
+            return
         p = self.p
         now = clock.now() if self.timed or self.time_window else 0.0
         slow = self.timed and now - started > p.slow_call_duration  # type: ignore[operator]
@@ -233,9 +278,13 @@ class _BreakerCore:
             if generation != self.generation:
                 return
             if self.state is _CLOSED:
+                self._fold()
                 totals = self.window.record(now, failed, slow)
                 if totals[0] >= self.min_calls and self._too_bad(*totals, self.min_calls):
                     event = self._move(BreakerState.OPEN, clock.now(), totals)
+                elif self.successes is None and self.counts is not None and totals[0] == p.window_size:
+                    self.successes = itertools.count()  # the window is full: successes may skip the lock now
+                    self.folded = 0
             elif self.state is BreakerState.HALF_OPEN:
                 self.probes_done += 1
                 self.probes_failed += failed
@@ -257,6 +306,7 @@ class _BreakerCore:
         with self.lock:
             event = self._refresh(now)
             if self.state is BreakerState.CLOSED:
+                self._fold()
                 calls, failed, slow = self.window.totals(now)
             elif self.state is BreakerState.OPEN:
                 calls, failed, slow = self.tripped
@@ -272,6 +322,7 @@ class _BreakerCore:
     def reset(self, now: float) -> None:
         with self.lock:
             event = self._move(BreakerState.CLOSED, now, (0, 0, 0)) if self.state is not BreakerState.CLOSED else None
+            self._stop_counting()
             self.window.reset()
         if event is not None:
             self._flush()
