@@ -1,18 +1,23 @@
 """The gateway against nginx, same upstream, same machine, one run.
 
-    .venv/bin/python benchmarks/gateway.py [--duration 10] [--connections 64] [--workers 1,2] [--markdown]
+    .venv/bin/python benchmarks/gateway.py [--duration 10] [--connections 64] [--workers 1,2] [--no-pin]
+        [--pacing poisson|fixed] [--markdown]
 
 Needs wrk and nginx (Debian: ``scripts/install-bench-tools.sh``). The upstream is nginx answering ``ok``; the
-load generator is ``wrk -t2 -cN``. Measured, for 1 and 2 workers each: direct to the upstream; nginx as a reverse
-proxy (keep-alive to the upstream); with 1 worker, the floor under any Python proxy (``benchmarks/python_relay.py``:
-a uvloop byte relay that parses nothing); the meshkit gateway with no plugins; the meshkit gateway with JWT + rate
-limit + access log. Then the latency the gateway adds at half of its own maximum rate: wrk paced by a Lua
-``delay()`` to that rate, direct and through the gateway, p99 difference.
+load generator is ``wrk -t2 -cN``. With 2+ CPUs and ``taskset`` (util-linux), the 1-worker runs pin the proxy under
+test (nginx, the relay, the gateway alike) to CPU 0 and wrk and the upstream to CPU 1 (``--no-pin``: nothing is
+pinned; the upstream otherwise stays on CPU 1 for the 2-worker runs too). Measured, for 1 and 2 workers each: direct
+to the upstream; nginx as a reverse proxy (keep-alive to the upstream); with 1 worker, the floor under any Python
+proxy (``benchmarks/python_relay.py``: a uvloop byte relay that parses nothing); the meshkit gateway with no
+plugins; the meshkit gateway with JWT + rate limit + access log. Then the latency the gateway adds at half of its
+own maximum rate: wrk paced by a Lua ``delay()`` to that rate (``--pacing``: Poisson arrivals by default, or fixed
+delays), direct and through the gateway, p99 difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +60,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
-def nginx(folder: Path, name: str, workers: int, server_block: str) -> subprocess.Popen[bytes]:
+def nginx(folder: Path, name: str, workers: int, server_block: str, on: Sequence[str]) -> subprocess.Popen[bytes]:
     prefix = folder / name
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -78,11 +84,13 @@ http {{
 }}
 """
     )
-    return subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    return subprocess.Popen([*on, NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
 
 
-def wrk(url: str, duration: int, connections: int, headers: list[str], script: Path | None = None) -> Result:
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
+def wrk(
+    url: str, duration: int, connections: int, headers: list[str], script: Path | None = None, on: Sequence[str] = ()
+) -> Result:
+    cmd = [*on, "wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
     for h in headers:
         cmd += ["-H", h]
     if script is not None:
@@ -105,11 +113,22 @@ def wrk(url: str, duration: int, connections: int, headers: list[str], script: P
     return Result("", rps, pct("50"), pct("99"), errors)
 
 
-def paced_script(folder: Path, rate: float, connections: int) -> Path:
-    """A wrk script pacing each connection so all of them together send about ``rate`` requests a second."""
+def paced_script(folder: Path, rate: float, connections: int, pacing: str) -> Path:
+    """A wrk script pacing each connection so all of them together send about ``rate`` requests a second: after
+    each response a connection waits a fixed delay (``fixed``: the connections, started together, stay in step and
+    send in bursts of all of them at once), or an exponentially distributed one of the same mean (``poisson``: the
+    requests arrive as a Poisson stream, the usual model of independent clients)."""
     delay_ms = 1000.0 * connections / rate
-    path = folder / f"paced-{int(rate)}.lua"
-    path.write_text(f"function delay() return {delay_ms:.3f} end\n")
+    path = folder / f"paced-{pacing}-{int(rate)}.lua"
+    if pacing == "fixed":
+        path.write_text(f"function delay() return {delay_ms:.3f} end\n")
+    else:
+        path.write_text(
+            "local n = 0\n"
+            "function setup(thread) n = n + 1; thread:set('seed', n) end\n"
+            "function init(args) math.randomseed(seed * 7919 + os.time()) end\n"
+            f"function delay() return -{delay_ms:.3f} * math.log(1 - math.random()) end\n"
+        )
     return path
 
 
@@ -159,6 +178,13 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None,
+        help="1-worker runs: the proxy under test on CPU 0, wrk and the upstream on CPU 1 (default: with 2+ CPUs)",
+    )
+    parser.add_argument("--pacing", choices=("poisson", "fixed"), default="poisson", help="see paced_script")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", NGINX):
@@ -166,22 +192,33 @@ def main() -> None:
             sys.exit(f"error: {tool} is not installed\nhint: scripts/install-bench-tools.sh")
     folder = Path(tempfile.mkdtemp(prefix="meshkit-gw-bench-"))
     d, c = args.duration, args.connections
+    # Pinned, a 1-worker proxy has a core to itself and the load (wrk, the upstream) the other: neither steals the
+    # other's CPU, as on separate machines. Two workers need both cores, so those runs are never pinned.
+    load_cpu = ["taskset", "-c", "1"] if args.pin else []
+    proxy_cpu = ["taskset", "-c", "0"] if args.pin else []
+    print(f"pinned: {'yes (proxy CPU 0, load CPU 1)' if args.pin else 'no'}; pacing: {args.pacing}", file=sys.stderr)
     up_port = free_port()
     upstream = nginx(
-        folder, "upstream", 1, f'server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 "ok"; }} }}'
+        folder,
+        "upstream",
+        1,
+        f'server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 "ok"; }} }}',
+        load_cpu,
     )
     procs: list[subprocess.Popen[bytes]] = [upstream]
     rows: list[Result] = []
     token = bench_token()
     try:
         wait_port(up_port)
-        wrk(f"http://127.0.0.1:{up_port}/", 2, c, [])  # warm up
-        direct = wrk(f"http://127.0.0.1:{up_port}/", d, c, [])
-        direct.name = "direct to upstream"
+        wrk(f"http://127.0.0.1:{up_port}/", 2, c, [], on=load_cpu)  # warm up
+        direct = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], on=load_cpu)
+        direct.name = "direct to upstream" + (" (wrk and upstream on one CPU: the load's ceiling)" if args.pin else "")
         rows.append(direct)
         print(f"{direct.name}: {direct.rps:,.0f} rps", file=sys.stderr)
-        max_rps: dict[int, float] = {}
         for workers in [int(w) for w in args.workers.split(",")]:
+            pinned = args.pin and workers == 1
+            on_proxy, on_load = (proxy_cpu, load_cpu) if pinned else ([], [])
+            where = ", pinned" if pinned else ""
             port = free_port()
             proxy = nginx(
                 folder,
@@ -192,25 +229,26 @@ def main() -> None:
     server {{ listen 127.0.0.1:{port};
         location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
 """,
+                on_proxy,
             )
             procs.append(proxy)
             wait_port(port)
-            wrk(f"http://127.0.0.1:{port}/", 2, c, [])
-            ng = wrk(f"http://127.0.0.1:{port}/", d, c, [])
-            ng.name = f"nginx proxy, {workers} worker(s)"
+            wrk(f"http://127.0.0.1:{port}/", 2, c, [], on=on_load)
+            ng = wrk(f"http://127.0.0.1:{port}/", d, c, [], on=on_load)
+            ng.name = f"nginx proxy, {workers} worker(s){where}"
             rows.append(ng)
             print(f"{ng.name}: {ng.rps:,.0f} rps", file=sys.stderr)
             stop(proxy)
             if workers == 1:  # the floor under any Python proxy on this machine (benchmarks/python_relay.py)
                 rport = free_port()
                 relay = subprocess.Popen(
-                    [PYTHON, str(ROOT / "benchmarks" / "python_relay.py"), str(rport), str(up_port)]
+                    [*on_proxy, PYTHON, str(ROOT / "benchmarks" / "python_relay.py"), str(rport), str(up_port)]
                 )
                 procs.append(relay)
                 wait_port(rport)
-                wrk(f"http://127.0.0.1:{rport}/", 2, c, [])
-                floor = wrk(f"http://127.0.0.1:{rport}/", d, c, [])
-                floor.name = "peer: Python floor, a uvloop byte relay (no HTTP parsing), 1 process"
+                wrk(f"http://127.0.0.1:{rport}/", 2, c, [], on=on_load)
+                floor = wrk(f"http://127.0.0.1:{rport}/", d, c, [], on=on_load)
+                floor.name = f"peer: Python floor, a uvloop byte relay (no HTTP parsing), 1 process{where}"
                 floor.name += f" — {floor.rps / ng.rps:.2f}x nginx"
                 rows.append(floor)
                 print(f"{floor.name}: {floor.rps:,.0f} rps", file=sys.stderr)
@@ -220,7 +258,7 @@ def main() -> None:
                 gport = free_port()
                 config = gateway_config(folder, name, up_port, gport, plugins)
                 gw = subprocess.Popen(
-                    [PYTHON, "-m", "meshkit", "gateway", "--config", str(config), "--workers", str(workers)],
+                    [*on_proxy, PYTHON, "-m", "meshkit", "gateway", "--config", str(config), "--workers", str(workers)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     cwd=ROOT,
@@ -228,23 +266,22 @@ def main() -> None:
                 procs.append(gw)
                 wait_port(gport)
                 headers = [f"Authorization: Bearer {token}"] if plugins else []
-                wrk(f"http://127.0.0.1:{gport}/", 2, c, headers)
-                r = wrk(f"http://127.0.0.1:{gport}/", d, c, headers)
+                wrk(f"http://127.0.0.1:{gport}/", 2, c, headers, on=on_load)
+                r = wrk(f"http://127.0.0.1:{gport}/", d, c, headers, on=on_load)
                 label = "JWT + rate limit + access log" if plugins else "no plugins"
-                r.name = f"meshkit gateway, {label}, {workers} worker(s)"
+                r.name = f"meshkit gateway, {label}, {workers} worker(s){where}"
                 r.name += f" — {r.rps / ng.rps:.2f}x nginx"
                 rows.append(r)
                 print(f"{r.name}: {r.rps:,.0f} rps", file=sys.stderr)
                 if not plugins:
-                    max_rps[workers] = r.rps
                     # latency added at half of the gateway's own max rate
                     half = r.rps / 2
-                    script = paced_script(folder, half, c)
-                    base = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], script)
-                    via = wrk(f"http://127.0.0.1:{gport}/", d, c, [], script)
+                    script = paced_script(folder, half, c, args.pacing)
+                    base = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], script, on=on_load)
+                    via = wrk(f"http://127.0.0.1:{gport}/", d, c, [], script, on=on_load)
                     added = Result(
-                        f"p99 added at {half:,.0f} rps (half of max), {workers} worker(s): "
-                        f"{via.p99_ms - base.p99_ms:.2f} ms (direct p99 {base.p99_ms:.2f} ms, via gateway "
+                        f"p99 added at {half:,.0f} rps (half of max, {args.pacing} arrivals), {workers} worker(s)"
+                        f"{where}: {via.p99_ms - base.p99_ms:.2f} ms (direct p99 {base.p99_ms:.2f} ms, via gateway "
                         f"{via.p99_ms:.2f} ms; p50 added {via.p50_ms - base.p50_ms:.2f} ms)",
                         via.rps,
                         via.p50_ms,
