@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,15 +13,6 @@ import pytest
 from meshkit.errors import CircuitOpen
 from meshkit.resilience import BreakerState, BreakerTransition, CircuitBreaker
 from meshkit.resilience.events import Event
-
-
-@pytest.fixture
-def tiny_switch_interval() -> Iterator[None]:
-    """Switch threads every microsecond, so races that need an unlucky switch actually happen."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
 
 
 @pytest.mark.usefixtures("tiny_switch_interval")

@@ -3,9 +3,7 @@ recording each success under the lock, however many successes pile up between tw
 
 from __future__ import annotations
 
-import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -147,14 +145,6 @@ def test_a_success_of_a_past_generation_is_not_counted_on_the_lock_free_path() -
     assert (breaker.metrics().state, breaker.metrics().failed_calls) == (CLOSED, 1)
     breaker.on_result(breaker.try_acquire(), failed=False)  # a current one does
     assert breaker.metrics().failed_calls == 0
-
-
-@pytest.fixture
-def tiny_switch_interval() -> Iterator[None]:
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
 
 
 @pytest.mark.usefixtures("tiny_switch_interval")
