@@ -1,6 +1,7 @@
 """Instructions the gateway process spends per proxied request (callgrind), for work on the gateway's hot path.
 
     .venv/bin/python benchmarks/gateway_instructions.py [--requests 2000] [--warmup 200] [--no-breaker] [--repeat 1]
+        [--browser]
 
 The upstream is a tiny asyncio HTTP/1.1 server answering ``ok`` with keep-alive, in a subprocess of its own (not
 measured). The gateway (``python -m meshkit gateway``, one worker, no plugins, one route to the upstream with the
@@ -99,7 +100,7 @@ def read_answer(sock: socket.socket, buffer: bytearray) -> None:
         buffer += data
 
 
-def measure(gateway_config: Path, port: int, warmup: int, requests: int) -> int:
+def measure(gateway_config: Path, port: int, warmup: int, requests: int, browser: bool = False) -> int:
     """Callgrind's instruction count of one gateway run serving ``warmup + requests`` requests."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(
@@ -124,7 +125,7 @@ def measure(gateway_config: Path, port: int, warmup: int, requests: int) -> int:
         line = proc.stdout.readline()
         if b"listening" not in line:
             raise RuntimeError(f"the gateway did not start: {line!r}")
-        request = b"GET / HTTP/1.1\r\nhost: bench\r\nuser-agent: gateway_instructions\r\naccept: */*\r\n\r\n"
+        request = REQUEST if not browser else BROWSER_REQUEST
         with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
             buffer = bytearray()
             for _ in range(warmup + requests):
@@ -143,12 +144,26 @@ def measure(gateway_config: Path, port: int, warmup: int, requests: int) -> int:
     return int(m.group(1))
 
 
+REQUEST = b"GET / HTTP/1.1\r\nhost: bench\r\nuser-agent: gateway_instructions\r\naccept: */*\r\n\r\n"
+# the head a browser sends (12 headers), to see what each header costs
+BROWSER_REQUEST = (
+    b"GET /api/orders/42?expand=items HTTP/1.1\r\nhost: shop.example.com\r\n"
+    b"user-agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36\r\n"
+    b"accept: application/json, text/plain, */*\r\naccept-language: en-GB,en;q=0.9\r\n"
+    b"accept-encoding: gzip, deflate, br\r\nreferer: https://shop.example.com/orders\r\n"
+    b"cookie: session=6f1d2c3b4a5e6f70; theme=dark\r\nsec-fetch-dest: empty\r\nsec-fetch-mode: cors\r\n"
+    b"sec-fetch-site: same-origin\r\nx-request-id: 0b4c7d8e-1f2a-4b3c-9d8e-7f6a5b4c3d2e\r\n"
+    b"connection: keep-alive\r\n\r\n"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--no-breaker", action="store_true", help="the route without its circuit breaker")
     parser.add_argument("--repeat", type=int, default=1, help="measure the pair this many times")
+    parser.add_argument("--browser", action="store_true", help="send a browser's 12-header request, not 3 headers")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="meshkit-gw-instr-"))
     upstream = subprocess.Popen([PYTHON, "-c", UPSTREAM], stdout=subprocess.PIPE)
@@ -158,8 +173,8 @@ def main() -> None:
         port = free_port()
         path = config(folder, upstream_port, port, breaker=not args.no_breaker)
         for _ in range(args.repeat):
-            base = measure(path, port, args.warmup, 0)
-            loaded = measure(path, port, args.warmup, args.requests)
+            base = measure(path, port, args.warmup, 0, args.browser)
+            loaded = measure(path, port, args.warmup, args.requests, args.browser)
             per = (loaded - base) / args.requests
             print(
                 f"gateway instructions per proxied request: {per:,.0f} "
