@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from meshkit.client import ClientOptions, HttpTransport
 from meshkit.client.options import is_server_error
 from meshkit.discovery import Instance
 from meshkit.errors import BulkheadFull, CircuitOpen
-from meshkit.resilience import Bulkhead, CircuitBreaker
+from meshkit.resilience import BreakerState, Bulkhead, CircuitBreaker
 from meshkit.runner.serve import Served, bind, bring_down, bring_up
 from meshkit.runtime import RunContext
 from meshkit.runtime.metrics import PolicyLog, instance_key
@@ -290,6 +290,22 @@ async def test_the_report_shows_the_breaker_of_each_instance_and_its_transitions
         assert (await to_stock.get("/stock")).status == 200
 
 
+async def test_an_instance_breaker_that_opens_before_any_report_has_its_transition(
+    two_stocks: tuple[Service, Service, Any, str],
+) -> None:
+    bad, _, to_stock, url = two_stocks
+    assert bad.instance is not None
+    for _ in range(40):  # no report read meanwhile: the breaker is made and opens unseen by any reader
+        breakers = to_stock.client.instance_breakers()
+        if bad.instance.id in breakers and breakers[bad.instance.id][1].state is BreakerState.OPEN:
+            break
+        await to_stock.get("/stock")
+    else:
+        raise AssertionError("the failing instance's breaker never opened")
+    opened = instance_rows((await report_of(url))["breakers"])[bad.instance.id]
+    assert [(t["from"], t["to"]) for t in opened["transitions"]] == [("closed", "open")]
+
+
 async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     clock = FakeClock(start=100.0, wall_start=1_800_000_000.0)
 
@@ -301,13 +317,20 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     class Group:
         def __init__(self) -> None:
             self.breakers: dict[str, tuple[Instance, CircuitBreaker]] = {}
+            self.told: list[Callable[[], None]] = []
 
         def instance_breakers(self) -> dict[str, tuple[Instance, CircuitBreaker]]:
             return dict(self.breakers)
 
+        def on_instance_breaker(self, told: Callable[[], None]) -> Callable[[], None]:
+            self.told.append(told)
+            return lambda: self.told.remove(told)
+
         def add(self, iid: str, port: int) -> CircuitBreaker:
             breaker = tripping(f"stock@127.0.0.1:{port}")
             self.breakers[iid] = (Instance("stock", iid, "127.0.0.1", port), breaker)
+            for told in self.told:
+                told()
             return breaker
 
     def fail() -> None:
@@ -324,13 +347,12 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     trip(first)
     assert [(t["from"], t["to"]) for t in log.transitions(instance_key("g", "a"))] == [("closed", "open")]
 
-    second = group.add("b", 2)
-    trip(second)  # not seen yet: the log learns of b on refresh
-    assert log.transitions(instance_key("g", "b")) == []
-    log.refresh()
+    second = group.add("b", 2)  # the group tells the log: b's breaker is listened to from its first call
+    trip(second)
     clock.advance(5.0)
     trip(second)  # open -> half_open -> open
     assert [(t["from"], t["to"]) for t in log.transitions(instance_key("g", "b"))] == [
+        ("closed", "open"),
         ("open", "half_open"),
         ("half_open", "open"),
     ]
@@ -338,7 +360,6 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     assert log.transitions(instance_key("g", "a")), "a group's breakers are kept while it is watched"
 
     moved = group.add("a", 3)  # a moved: a new breaker, its old record is forgotten
-    log.refresh()
     assert log.transitions(instance_key("g", "a")) == []
     trip(moved)
     assert len(log.transitions(instance_key("g", "a"))) == 1
@@ -350,6 +371,7 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     assert log.transitions(instance_key("g", "b")) == []
 
     stop()
+    assert group.told == [], "stopped: the group no longer tells the log"
     clock.advance(5.0)
     trip(moved)
     assert len(log.transitions(instance_key("g", "a"))) == 1, "stopped: nothing more is recorded"

@@ -134,6 +134,7 @@ class ServiceClient:
         self._timeouts: dict[float, Timeout] = {}
 
         self._members: dict[str, _Member] = {}
+        self._breakers_made: list[Callable[[], None]] = []  # told when an instance breaker is made
         self._outstanding: dict[str, int] = {}
         self._open: dict[str, float] = {}  # instance id -> clock time its open breaker may let a probe through
         self._rotation: tuple[Instance, ...] = ()
@@ -608,6 +609,9 @@ class ServiceClient:
         if breaker is not None:
             member.unsubscribe = breaker.events.subscribe(lambda event: self._on_breaker(member, event))
         self._members[instance.id] = member
+        if breaker is not None:
+            for told in list(self._breakers_made):
+                told()
         log.debug(
             "%s instance %s at %s is known",
             self.service,
@@ -740,6 +744,17 @@ class ServiceClient:
         instance: empty without a breaker factory or before the first registry snapshot. A new dict each call;
         an instance that moves to another address gets a new breaker."""
         return {iid: (m.instance, m.breaker) for iid, m in self._members.items() if m.breaker is not None}
+
+    def on_instance_breaker(self, told: Callable[[], None]) -> Callable[[], None]:
+        """Call ``told()`` each time the client makes an instance's breaker (:meth:`instance_breakers` has it
+        then), before any call goes through it; returns the function that stops it."""
+        self._breakers_made.append(told)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._breakers_made.remove(told)
+
+        return stop
 
 
 _NOT_BUILT: Any = object()

@@ -117,6 +117,8 @@ class BreakerGroup(Protocol):
 
     def instance_breakers(self) -> Mapping[str, tuple[Instance, CircuitBreaker]]: ...
 
+    def on_instance_breaker(self, told: Callable[[], None]) -> Callable[[], None]: ...
+
 
 def instance_key(key: str, instance_id: str) -> str:
     """The key in a :class:`PolicyLog` of the breaker of instance ``instance_id`` of a group watched under ``key``."""
@@ -144,10 +146,9 @@ class PolicyLog:
     so the log takes a lock; it is bounded by the number of keys watched (see :meth:`retain`).
 
     A :class:`BreakerGroup` (a client's per-instance breakers) is watched as one: each of its breakers under
-    :func:`instance_key` of ``key``. The log listens to the breakers the group has when it is watched, and looks for
-    new ones (and forgets those of instances that left) on :meth:`refresh`, which :func:`client_policies` calls
-    before it reads: a client learns its instances on its first call, so an instance breaker's transitions are
-    recorded from the first time the log is read after that.
+    :func:`instance_key` of ``key``. The log listens to the breakers the group has when it is watched and to each
+    new one as the client makes it (before its first call), and forgets those of instances that left on
+    :meth:`refresh`, which :func:`client_policies` calls before it reads.
     """
 
     def __init__(self, history: int = 20) -> None:
@@ -182,7 +183,15 @@ class PolicyLog:
             self._groups[id(group)] = group
             self._sync(group)
 
+        def made() -> None:  # a new breaker in the group: listen to it before its first call
+            with self._follow_lock:
+                if id(group) in self._groups:
+                    self._sync(group)
+
+        stop_made = source.on_instance_breaker(made)
+
         def stop() -> None:
+            stop_made()
             with self._follow_lock:
                 self._groups.pop(id(group), None)
                 watched, group.watched = group.watched, {}
