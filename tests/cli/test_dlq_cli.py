@@ -19,7 +19,7 @@ from meshkit.tracing.collector import TraceStore
 from tests.dashboard.asgi import get_json
 
 
-def meshkit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def meshkit(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "meshkit", *args],
         capture_output=True,
@@ -27,7 +27,7 @@ def meshkit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         cwd=cwd,
         timeout=120,
         check=False,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), "NO_COLOR": "1", "COLUMNS": "200"},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), "NO_COLOR": "1", "COLUMNS": "200", **env},
     )
 
 
@@ -160,3 +160,19 @@ def test_a_replay_that_fails_is_audited_with_its_error(tmp_path: Path) -> None:
     out = meshkit(["dlq", "replay", "shipping.schedule", "--url", "memory://", "--yes"], tmp_path)
     assert out.returncode == 2, "a broker the CLI cannot reach is refused before anything is tried"
     assert len((tmp_path / ".meshkit" / "audit.jsonl").read_text().splitlines()) == 1, "and not audited"
+
+
+def test_the_default_audit_file_is_beside_the_settings_the_cli_reads(tmp_path: Path) -> None:
+    system, elsewhere = tmp_path / "shop", tmp_path / "work"
+    system.mkdir()
+    elsewhere.mkdir()
+    url = f"sqlite:///{tmp_path / 'broker.db'}"
+    (system / "meshkit.toml").write_text(f'[broker]\nurl = "{url}"\n')
+    asyncio.run(make_dead_letters(url))
+    out = meshkit(
+        ["dlq", "discard", "shipping.schedule", "--yes"], elsewhere, MESHKIT_CONFIG=str(system / "meshkit.toml")
+    )
+    assert out.returncode == 0, out.stderr
+    (line,) = (system / ".meshkit" / "audit.jsonl").read_text().splitlines()
+    assert AuditEntry.from_json(json.loads(line)).count == 2
+    assert not (elsewhere / ".meshkit").exists(), "not where the command happened to run"

@@ -3,9 +3,11 @@ line, and the file is plain JSON lines."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -269,4 +271,36 @@ async def test_what_another_process_appends_shows_without_losing_what_the_file_r
         ("replay", WALL + 10),
     ]
     assert [e.time for e in app.audit] == [WALL + 10, WALL + 10, WALL + 20, WALL + 30]
+    await app.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_entry_kept_while_the_file_is_being_read_again_is_not_lost(
+    store: TraceStore, broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    app = dashboard(store, broker, path, FakeClock(wall_start=WALL + 10))
+    audit_module.append_audit(path, entry(1))  # another process: the next /api/audit reads the file again
+    reading, go = threading.Event(), threading.Event()
+    read = app._read_audit_file
+
+    def slow_read(p: Path) -> Any:  # the re-read, held halfway
+        reading.set()
+        assert go.wait(30)
+        return read(p)
+
+    def refuse(*args: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(app, "_read_audit_file", slow_read)
+    monkeypatch.setattr("meshkit.dashboard._app.append_audit", refuse)
+    again = asyncio.create_task(app._reread_audit(path))
+    assert await asyncio.to_thread(reading.wait, 30)
+    kept = asyncio.create_task(app._record(entry(2, "discard")))  # the write will fail: the entry lives in memory
+    await asyncio.sleep(0)  # (it runs up to where it waits)
+    go.set()
+    await asyncio.gather(again, kept)
+    assert [e.time for e in app.audit] == [WALL + 1, WALL + 2]
+    served = (await get_json(app, "/api/audit"))["entries"]
+    assert [e["time"] for e in served] == [WALL + 2, WALL + 1], "and it stays once the file is read again"
     await app.aclose()

@@ -158,6 +158,33 @@ def test_an_exporter_failure_is_logged_and_later_batches_still_leave(
     assert any("exporting 1 spans failed" in r.getMessage() for r in caplog.records)
 
 
+def test_spans_arriving_faster_than_the_exporter_sends_do_not_hold_up_flushes_or_the_drop_warning(
+    tracer_of: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="meshkit.tracing._recorder")
+    exporter = Collecting()
+    processor = BatchProcessor(exporter, max_queue_size=4, max_export_batch_size=2, schedule_delay_millis=600_000)
+    tracer = tracer_of(processor)
+    feeding = threading.Event()
+    feeding.set()
+    original = exporter.export
+
+    def overloaded(spans: Sequence[Any]) -> SpanExportResult:
+        while feeding.is_set() and len(processor._queue) < 4:  # more spans end than leave: the queue stays full
+            tracer.start_span("more").end()
+        tracer.start_span("dropped").end()  # one more each time, past the full queue
+        return original(spans)
+
+    exporter.export = overloaded  # type: ignore[method-assign]
+    try:
+        tracer.start_span("first").end()
+        assert processor.force_flush(int(DEADLINE * 1000)), "a flush waits only for what was queued before it"
+        _wait_for(lambda: any("spans dropped" in r.getMessage() for r in caplog.records))
+    finally:
+        feeding.clear()
+    assert processor.force_flush(int(DEADLINE * 1000))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_starts_with_an_empty_queue_and_its_own_thread(tracer_of: Any) -> None:
     exporter = Collecting()

@@ -1,7 +1,7 @@
 """Dead letters: list, replay or discard the messages a topic's handlers gave up on.
 
-Replays and discards are recorded in the audit file the dashboard shows (``.meshkit/audit.jsonl`` of the system,
-``--audit`` to name another), by ``cli:<user>@<host>``.
+Replays and discards are recorded in the audit file the dashboard shows (``.meshkit/audit.jsonl`` beside the
+settings file, ``$MESHKIT_CONFIG`` or ``./meshkit.toml``; ``--audit`` to name another), by ``cli:<user>@<host>``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -125,9 +126,23 @@ def _settle(topic: str, ids: list[str] | None, url: str | None, yes: bool, audit
 IdsOption = Annotated[list[str] | None, typer.Option("--id", help="Only these dead letters (repeatable).")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 AuditOption = Annotated[
-    Path, typer.Option("--audit", help="The audit file the dashboard shows, to record this in.", dir_okay=False)
+    Path | None,
+    typer.Option(
+        "--audit",
+        help="The audit file the dashboard shows, to record this in (default: .meshkit/audit.jsonl beside the "
+        "settings file, $MESHKIT_CONFIG or ./meshkit.toml).",
+        dir_okay=False,
+    ),
 ]
-DEFAULT_AUDIT = Path(".meshkit") / "audit.jsonl"
+
+
+def _audit_file(given: Path | None) -> Path:
+    """``given``, else the system's audit file: in ``.meshkit`` of the folder whose settings the CLI reads (where
+    ``meshkit run`` keeps it)."""
+    if given is not None:
+        return given
+    config = os.environ.get("MESHKIT_CONFIG")
+    return (Path(config).parent if config else Path()) / ".meshkit" / "audit.jsonl"
 
 
 @app.command("replay")
@@ -136,10 +151,10 @@ def replay(
     ids: IdsOption = None,
     url: UrlOption = None,
     yes: YesOption = False,
-    audit: AuditOption = DEFAULT_AUDIT,
+    audit: AuditOption = None,
 ) -> None:
     """Send dead letters back to their topic, to be handled again."""
-    _settle(topic, ids, url, yes, audit, replay=True)
+    _settle(topic, ids, url, yes, _audit_file(audit), replay=True)
 
 
 @app.command("discard")
@@ -148,7 +163,7 @@ def discard(
     ids: IdsOption = None,
     url: UrlOption = None,
     yes: YesOption = False,
-    audit: AuditOption = DEFAULT_AUDIT,
+    audit: AuditOption = None,
 ) -> None:
     """Drop dead letters for good."""
-    _settle(topic, ids, url, yes, audit, replay=False)
+    _settle(topic, ids, url, yes, _audit_file(audit), replay=False)

@@ -611,7 +611,10 @@ class ServiceClient:
         self._members[instance.id] = member
         if breaker is not None:
             for told in list(self._breakers_made):
-                told()
+                try:
+                    told()
+                except Exception:  # a listener's failure must not undo the client's view of its instances
+                    log.exception("a listener of %s's new instance breakers failed", self.service)
         log.debug(
             "%s instance %s at %s is known",
             self.service,

@@ -612,18 +612,19 @@ class DashboardApp:
     async def _record(self, entry: AuditEntry) -> None:
         """Keep ``entry`` and append it to the audit file. The action is done by now: a file that cannot be
         written is logged as an error rather than failing the request (the entry stays in memory)."""
-        self._audit.append(entry)
         if self._audit_path is None:
+            self._audit.append(entry)
             return
-        try:
-            async with self._audit_order:
+        async with self._audit_order:  # kept and written in one step: a re-read of the file cannot come between
+            self._audit.append(entry)
+            try:
                 await asyncio.to_thread(append_audit, self._audit_path, entry, self._audit_file_lock)
-        except OSError:
-            self._unwritten.append(entry)
-            log.exception(
-                "could not write to the dashboard's audit file",
-                extra={"path": str(self._audit_path), "action": entry.action, "topic": entry.topic},
-            )
+            except OSError:
+                self._unwritten.append(entry)
+                log.exception(
+                    "could not write to the dashboard's audit file",
+                    extra={"path": str(self._audit_path), "action": entry.action, "topic": entry.topic},
+                )
 
     # -- logs ------------------------------------------------------------------------------------------------------
 

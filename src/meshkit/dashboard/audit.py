@@ -7,7 +7,8 @@ The dashboard (its replay / discard actions) and ``meshkit dlq replay|discard`` 
     entries = read_audit(path, 1000)  # the last 1000, oldest first
 
 An entry is one line (:meth:`AuditEntry.to_json`), flushed to disk before the call returns. Writers in several
-processes take an exclusive ``flock`` on the file for each append (where the platform has one), and a last line
+processes take an exclusive ``flock`` on the file for each append, readers a shared one (where the platform has
+``flock``), and a last line
 cut short (a writer died while writing it) is ended before the next entry, so that only it is lost. Reading starts
 from the end of the file, so its cost does not grow with the history; a line that is not an entry is skipped with a
 warning.
@@ -122,6 +123,8 @@ def read_audit(path: Path, size: int) -> list[AuditEntry]:
             f"cannot read the dashboard's audit file {path}: {exc}", hint="audit_path must name a readable file"
         ) from exc
     with file:
+        if fcntl is not None:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # not halfway through another process's append
         for offset, raw in _lines_backwards(file):
             if not raw.strip():
                 continue

@@ -266,7 +266,7 @@ class _BreakerCore:
 
     def record(self, generation: int, clock: Clock, failed: bool, started: float) -> None:
         """Count one finished call admitted in ``generation`` (which started at ``started`` if calls are timed)."""
-        successes = self.successes  # read before the generation (see _stop_counting)
+        successes = self.successes  # read BEFORE the generation: the order is what makes this safe (_stop_counting)
         if successes is not None and not failed and generation == self.generation:
             next(successes)  # the steady state, without the lock: see the module docstring
             return

@@ -356,6 +356,7 @@ class BatchProcessor(SpanProcessor):
     def _start(self) -> None:
         self._queue.clear()
         self._lock = threading.Lock()
+        self._drops = threading.Lock()  # guards _dropped (a forked child gets new locks: a parent's may be held)
         self._wake = threading.Event()
         self._flushes: list[threading.Event] = []
         self._thread = threading.Thread(target=self._work, name="meshkit-span-export", daemon=True)
@@ -372,7 +373,8 @@ class BatchProcessor(SpanProcessor):
             return
         queue = self._queue
         if len(queue) >= self._max_queue or self._stopping:
-            self._dropped += 1
+            with self._drops:  # (rare: a full queue) the export thread swaps the count under the same lock
+                self._dropped += 1
             return
         queue.append(span)
         if len(queue) >= self._max_batch and not self._wake.is_set():
@@ -396,14 +398,17 @@ class BatchProcessor(SpanProcessor):
             self._stopping = True
         self._wake.set()
         self._thread.join(_SHUTDOWN_SECONDS)
-        if self._thread.is_alive():  # an exporter stuck on an unreachable endpoint: the daemon thread is left
+        if not self._thread.is_alive():
+            self._export_queued()  # a span that ended while the thread finished (on_end saw it running)
+        else:  # an exporter stuck on an unreachable endpoint: the daemon thread is left
             log.warning("span export still running %.0f s into shutdown; spans left are dropped", _SHUTDOWN_SECONDS)
         self._exporter.shutdown()
 
     def _work(self) -> None:
         context_api.attach(context_api.set_value(_SUPPRESS_INSTRUMENTATION, True))  # this thread's context only
         while True:
-            self._wake.wait(self._delay)
+            if len(self._queue) < self._max_batch:  # else a full batch waits already: no pause
+                self._wake.wait(self._delay)
             self._wake.clear()
             with self._lock:
                 flushes, self._flushes = self._flushes, []
@@ -415,14 +420,19 @@ class BatchProcessor(SpanProcessor):
                 return
 
     def _export_queued(self) -> None:
+        """Export the spans queued now (not those that arrive meanwhile: under a load the exporter cannot keep up
+        with, the loop still comes round to flushes and to saying how many spans were dropped)."""
         queue = self._queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
+        left = len(queue)
+        while left > 0:
+            batch = [queue.popleft() for _ in range(min(left, self._max_batch))]
+            left -= len(batch)
             try:
                 self._exporter.export(batch)
             except Exception:
                 log.exception("exporting %d spans failed", len(batch))
-        dropped, self._dropped = self._dropped, 0
+        with self._drops:
+            dropped, self._dropped = self._dropped, 0
         if dropped:
             log.warning("%d spans dropped: the export queue was full (%d spans)", dropped, self._max_queue)
 
