@@ -34,7 +34,8 @@ class Running:
 
     def __init__(self, folder: Path, *args: str) -> None:
         # the gateway on a free port: tests run beside other things that may hold the shop's 8080
-        env = {**os.environ, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", "MESHKIT_GATEWAY__PORT": "0"}
+        # 80 columns: the token and the curl lines must come out whole on a narrow terminal (or in a log)
+        env = {**os.environ, "COLUMNS": "80", "PYTHONUNBUFFERED": "1", "MESHKIT_GATEWAY__PORT": "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meshkit", "run", str(folder), *args],
             stdout=subprocess.PIPE,

@@ -64,7 +64,9 @@ def run(
                 text = text.replace("{" + service + "}", url)
             token = dev_token(gateway) if gateway is not None and "{token}" in text else None
             text = text.replace("{token}", token or "<a token>")
-            console.print(text.rstrip(), markup=False)
+            # soft_wrap: lines longer than the terminal (the token, the curl commands) are never broken, so they
+            # paste as they are, from a terminal or from a log the output was piped to
+            console.print(text.rstrip(), markup=False, soft_wrap=True)
         console.print("Ctrl-C stops everything.", style="dim")
 
     async def main() -> None:
