@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,17 @@ import aiohttp
 import pytest
 from fastapi.responses import JSONResponse
 
-from meshkit import Service, discovery, messaging
-from meshkit.client import ClientOptions, HttpTransport
+from meshkit import Service
+from meshkit.client import ClientOptions
 from meshkit.dashboard import DashboardApp
 from meshkit.discovery import Instance, Registry
 from meshkit.errors import CircuitOpen
 from meshkit.gateway import Gateway, parse_config
 from meshkit.runner.observe import GatewayPolicies, resilience_source
-from meshkit.runner.serve import Served, bind, bring_down, bring_up
-from meshkit.runtime import RunContext
 from meshkit.tracing.collector import TraceStore
 from tests.gateway.servers import Answer, Seen, gateway, upstream
+from tests.helpers import served_over_http
+from tests.servers import free_port
 
 from .asgi import get_json
 
@@ -194,23 +193,8 @@ class _Caller:
 @pytest.fixture
 async def caller(tmp_path: Path) -> AsyncIterator[tuple[_Caller, Registry]]:
     system = _Caller()
-    served: list[Served] = []
-    transport = HttpTransport()
-    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
-        try:
-            for service in (system.stock, system.shop):
-                ctx = RunContext(broker, registry, transport, data_dir=tmp_path / service.name)
-                served.append(await bring_up(service, ctx, "127.0.0.1", bind("127.0.0.1", 0)))
-            yield system, registry
-        finally:
-            await bring_down(served, grace=0)
-            await transport.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    async with served_over_http(tmp_path, system.stock, system.shop) as (_, registry):
+        yield system, registry
 
 
 async def test_reports_fetched_over_http_match_those_read_in_process_and_a_silent_instance_is_an_error_row(
@@ -221,7 +205,7 @@ async def test_reports_fetched_over_http_match_those_read_in_process_and_a_silen
         assert (await system.to_stock.get("/stock")).status == 500
     with pytest.raises(CircuitOpen):
         await system.to_stock.get("/stock")
-    ghost = Instance("shop", "shop-ghost", "127.0.0.1", closed_port())  # registered, but nobody listens
+    ghost = Instance("shop", "shop-ghost", "127.0.0.1", free_port())  # registered, but nobody listens
     await registry.register(ghost, ttl=3600, keepalive=False)
 
     async with (

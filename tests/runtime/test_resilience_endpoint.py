@@ -14,17 +14,16 @@ import aiohttp
 import pytest
 from fastapi.responses import JSONResponse
 
-from meshkit import Service, discovery, messaging
-from meshkit.client import ClientOptions, HttpTransport
+from meshkit import Service
+from meshkit.client import ClientOptions
 from meshkit.client.options import is_server_error
 from meshkit.discovery import Instance
 from meshkit.errors import BulkheadFull, CircuitOpen
 from meshkit.resilience import BreakerState, Bulkhead, CircuitBreaker
-from meshkit.runner.serve import Served, bind, bring_down, bring_up
-from meshkit.runtime import RunContext
 from meshkit.runtime.metrics import PolicyLog, instance_key
 from meshkit.runtime.service import RESILIENCE_PATH
 from meshkit.testing import FakeClock, eventually
+from tests.helpers import served_over_http
 
 pytestmark = pytest.mark.anyio
 
@@ -73,18 +72,11 @@ class Shop:
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Shop, str]]:
     shop = Shop()
-    served: list[Served] = []
-    transport = HttpTransport()
-    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
+    async with served_over_http(tmp_path, shop.stock, shop.prices, shop.shop) as (served, _):
         try:
-            for service in (shop.stock, shop.prices, shop.shop):
-                ctx = RunContext(broker, registry, transport, data_dir=tmp_path / service.name)
-                served.append(await bring_up(service, ctx, "127.0.0.1", bind("127.0.0.1", 0)))
             yield shop, served[-1].url
         finally:
-            shop.release.set()
-            await bring_down(served, grace=0)
-            await transport.aclose()
+            shop.release.set()  # before the servers drain: a call still waiting in /slow returns
 
 
 async def report_of(url: str) -> dict[str, Any]:
@@ -236,17 +228,8 @@ async def two_stocks(tmp_path: Path) -> AsyncIterator[tuple[Service, Service, An
     async def fine() -> dict[str, bool]:
         return {"ok": True}
 
-    served: list[Served] = []
-    transport = HttpTransport()
-    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
-        try:
-            for n, service in enumerate((bad, good, shop)):
-                ctx = RunContext(broker, registry, transport, data_dir=tmp_path / f"{service.name}-{n}")
-                served.append(await bring_up(service, ctx, "127.0.0.1", bind("127.0.0.1", 0)))
-            yield bad, good, to_stock, served[-1].url
-        finally:
-            await bring_down(served, grace=0)
-            await transport.aclose()
+    async with served_over_http(tmp_path, bad, good, shop) as (served, _):
+        yield bad, good, to_stock, served[-1].url
 
 
 def instance_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
