@@ -10,7 +10,7 @@ import pytest
 from meshkit.client import ClientOptions, ServiceClient
 from meshkit.discovery import Instance, Registry, connect
 from meshkit.discovery.health import OutlierDetector, OutlierPolicy
-from meshkit.testing import FakeClock
+from meshkit.testing import FakeClock, eventually
 
 POLICY = OutlierPolicy(consecutive_errors=3, base_ejection=600, max_ejection=600, max_ejected_fraction=1.0)
 
@@ -81,3 +81,22 @@ async def test_an_abandoned_attempt_tells_the_detector_nothing(client: ServiceCl
         client.release(instance, None, counted=False)
     assert not client.outlier.is_ejected("a")
     assert dict(client.outstanding) == {}
+
+
+@pytest.mark.anyio
+async def test_listeners_hear_of_instance_breakers_made_and_dropped() -> None:
+    async with connect("memory://") as registry:
+        await _register(registry)
+        async with ServiceClient("payments", registry, clock=FakeClock()) as client:  # the default breakers
+            heard: list[set[str]] = []
+            stop = client.on_instance_breaker(lambda: heard.append(set(client.instance_breakers())))
+            await client.start(timeout=5.0)
+            assert heard == [{"a"}], "made, and in instance_breakers when the listener hears of it"
+            await registry.register(Instance(service="payments", id="b", host="127.0.0.1", port=2))
+            await eventually(lambda: heard[-1] == {"a", "b"}, "b's breaker made")
+            await registry.deregister("payments", "a")
+            await eventually(lambda: heard[-1] == {"b"}, "a's breaker dropped")
+            stop()
+            await registry.deregister("payments", "b")
+            await eventually(lambda: not client.instance_breakers(), "b dropped too")
+            assert heard[-1] == {"b"}, "stopped: not told any more"

@@ -312,9 +312,16 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
         def add(self, iid: str, port: int) -> CircuitBreaker:
             breaker = tripping(f"stock@127.0.0.1:{port}")
             self.breakers[iid] = (Instance("stock", iid, "127.0.0.1", port), breaker)
+            self.tell()
+            return breaker
+
+        def remove(self, iid: str) -> None:
+            del self.breakers[iid]
+            self.tell()
+
+        def tell(self) -> None:
             for told in self.told:
                 told()
-            return breaker
 
     def fail() -> None:
         raise ValueError("down")
@@ -349,8 +356,7 @@ async def test_a_log_follows_the_breakers_a_group_gains_and_loses() -> None:
     trip(first)  # the old breaker of a: no longer listened to
     assert len(log.transitions(instance_key("g", "a"))) == 1
 
-    del group.breakers["b"]  # b left
-    log.refresh()
+    group.remove("b")  # b left
     assert log.transitions(instance_key("g", "b")) == []
 
     stop()

@@ -134,7 +134,7 @@ class ServiceClient:
         self._timeouts: dict[float, Timeout] = {}
 
         self._members: dict[str, _Member] = {}
-        self._breakers_made: list[Callable[[], None]] = []  # told when an instance breaker is made
+        self._breakers_changed: list[Callable[[], None]] = []  # told when an instance breaker is made or dropped
         self._outstanding: dict[str, int] = {}
         self._open: dict[str, float] = {}  # instance id -> clock time its open breaker may let a probe through
         self._rotation: tuple[Instance, ...] = ()
@@ -610,11 +610,7 @@ class ServiceClient:
             member.unsubscribe = breaker.events.subscribe(lambda event: self._on_breaker(member, event))
         self._members[instance.id] = member
         if breaker is not None:
-            for told in list(self._breakers_made):
-                try:
-                    told()
-                except Exception:  # a listener's failure must not undo the client's view of its instances
-                    log.exception("a listener of %s's new instance breakers failed", self.service)
+            self._tell_breakers_changed()
         log.debug(
             "%s instance %s at %s is known",
             self.service,
@@ -630,6 +626,15 @@ class ServiceClient:
         self._open.pop(iid, None)
         if self.outlier is not None:
             self.outlier.forget(iid)
+        if member is not None and member.breaker is not None:
+            self._tell_breakers_changed()
+
+    def _tell_breakers_changed(self) -> None:
+        for told in list(self._breakers_changed):
+            try:
+                told()
+            except Exception:  # a listener's failure must not undo the client's view of its instances
+                log.exception("a listener of %s's instance breakers failed", self.service)
 
     def _on_breaker(self, member: _Member, event: Event) -> None:
         if not isinstance(event, BreakerTransition) or member.breaker is None:
@@ -749,13 +754,13 @@ class ServiceClient:
         return {iid: (m.instance, m.breaker) for iid, m in self._members.items() if m.breaker is not None}
 
     def on_instance_breaker(self, told: Callable[[], None]) -> Callable[[], None]:
-        """Call ``told()`` each time the client makes an instance's breaker (:meth:`instance_breakers` has it
-        then), before any call goes through it; returns the function that stops it."""
-        self._breakers_made.append(told)
+        """Call ``told()`` each time :meth:`instance_breakers` changes: an instance's breaker made (before any
+        call goes through it) or dropped (the instance left, or moved); returns the function that stops it."""
+        self._breakers_changed.append(told)
 
         def stop() -> None:
             with contextlib.suppress(ValueError):
-                self._breakers_made.remove(told)
+                self._breakers_changed.remove(told)
 
         return stop
 

@@ -146,9 +146,9 @@ class PolicyLog:
     so the log takes a lock; it is bounded by the number of keys watched (see :meth:`retain`).
 
     A :class:`BreakerGroup` (a client's per-instance breakers) is watched as one: each of its breakers under
-    :func:`instance_key` of ``key``. The log listens to the breakers the group has when it is watched and to each
-    new one as the client makes it (before its first call), and forgets those of instances that left on
-    :meth:`refresh`, which :func:`client_policies` calls before it reads.
+    :func:`instance_key` of ``key``. The log listens to the breakers the group has when it is watched, to each new
+    one as the client makes it (before its first call), and forgets those of instances that left or moved, as the
+    group tells it (``on_instance_breaker``).
     """
 
     def __init__(self, history: int = 20) -> None:
@@ -183,15 +183,15 @@ class PolicyLog:
             self._groups[id(group)] = group
             self._sync(group)
 
-        def made() -> None:  # a new breaker in the group: listen to it before its first call
+        def changed() -> None:  # a breaker made (listened to before its first call) or dropped
             with self._follow_lock:
                 if id(group) in self._groups:
                     self._sync(group)
 
-        stop_made = source.on_instance_breaker(made)
+        stop_told = source.on_instance_breaker(changed)
 
         def stop() -> None:
-            stop_made()
+            stop_told()
             with self._follow_lock:
                 self._groups.pop(id(group), None)
                 watched, group.watched = group.watched, {}
@@ -199,12 +199,6 @@ class PolicyLog:
                     unsubscribe()
 
         return stop
-
-    def refresh(self) -> None:
-        """Listen to the breakers the watched groups gained since the last look, and forget those they lost."""
-        with self._follow_lock:
-            for group in list(self._groups.values()):
-                self._sync(group)
 
     def _sync(self, group: _Group) -> None:  # (under the follow lock)
         current = group.source.instance_breakers()
@@ -322,7 +316,6 @@ def client_policies(
     where the client lives. A rejection row is one per bulkhead: ``kind`` ``bulkhead_full``, ``count`` (calls
     refused since the client was made), ``last`` (when the last one was), ``in_flight``, ``waiting`` and
     ``limit``."""
-    log.refresh()  # instance breakers made since the last look
     breakers: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     for name, client in sorted(clients.items()):
