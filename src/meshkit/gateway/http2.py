@@ -568,17 +568,22 @@ class _Stream(asyncio.Transport):
         end = self.head_only and not self.interim  # the answer to HEAD has no body, whatever its length says
         try:
             self.conn.h2.send_headers(self.id, headers, end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
-            self._gone()
-            return
-        except h2.exceptions.ProtocolError:
-            log.exception("gateway: cannot send a response head over HTTP/2 (stream %d)", self.id)
-            self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError as exc:
+            self._send_failed(exc, "a response head")
             return
         if end:
             self.parser = None
             self.response_ended = self.end_sent = True
             self._finish()
+
+    def _send_failed(self, exc: h2.exceptions.ProtocolError, what: str) -> None:
+        """Sending ``what`` raised ``exc`` (called in its ``except``): the client reset or the connection closed the
+        stream (it is gone), or the h2 state machine refused (a bug: logged, the stream reset)."""
+        if isinstance(exc, h2.exceptions.StreamClosedError | h2.exceptions.StreamIDTooLowError):
+            self._gone()
+            return
+        log.exception("gateway: cannot send %s over HTTP/2 (stream %d)", what, self.id)
+        self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
 
     def on_body(self, body: bytes) -> None:
         if self.done:
@@ -625,12 +630,8 @@ class _Stream(asyncio.Transport):
                         self.end_sent = True
                     self._finish()
                     return
-            except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
-                self._gone()
-                return
-            except h2.exceptions.ProtocolError:
-                log.exception("gateway: cannot send response data over HTTP/2 (stream %d)", self.id)
-                self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            except h2.exceptions.ProtocolError as exc:
+                self._send_failed(exc, "response data")
                 return
         protocol = self.protocol
         if protocol is None or self.closed:
