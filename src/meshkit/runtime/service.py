@@ -403,19 +403,27 @@ class Service:
         metrics = self._metrics
         if metrics is None:
             return b""
-        if self._ctx is not None:
-            for sub in self._subscriptions:
-                try:
-                    dead = await self._ctx.broker.dead_letters(sub.topic).list(DLQ_COUNT_LIMIT)
-                except Exception:  # a broker that cannot list them now: the gauge keeps its last value
-                    log.debug("cannot count the dead letters of %s", sub.topic, exc_info=True)
-                    continue
-                metrics.dead_letters[(sub.topic, sub.group)] = sum(
-                    1 for m in dead if m.headers.get("dlqgroup") in (None, sub.group)
-                )
-            for sub in self._subscriptions:
-                await self._count_lag(metrics, sub.topic, sub.group)
+        if self._ctx is not None and self._subscriptions:
+            subs = self._subscriptions
+            topics = list(dict.fromkeys(sub.topic for sub in subs))  # each topic's dead letters listed once
+            listed = await asyncio.gather(*(self._dead_letters(topic) for topic in topics))
+            dead = dict(zip(topics, listed, strict=True))
+            for sub in subs:
+                messages = dead[sub.topic]
+                if messages is not None:  # else the gauge keeps its last value
+                    metrics.dead_letters[(sub.topic, sub.group)] = sum(
+                        1 for m in messages if m.headers.get("dlqgroup") in (None, sub.group)
+                    )
+            await asyncio.gather(*(self._count_lag(metrics, sub.topic, sub.group) for sub in subs))
         return metrics.render()
+
+    async def _dead_letters(self, topic: str) -> list[Message] | None:
+        assert self._ctx is not None
+        try:
+            return await self._ctx.broker.dead_letters(topic).list(DLQ_COUNT_LIMIT)
+        except Exception:  # a broker that cannot list them now
+            log.debug("cannot count the dead letters of %s", topic, exc_info=True)
+            return None
 
     async def _count_lag(self, metrics: ServiceMetrics, topic: str, group: str) -> None:
         assert self._ctx is not None
