@@ -252,6 +252,10 @@ class _Http2(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed()
+
+    def _closed(self) -> None:
+        """The connection is gone: out of the server's set, and its open streams lose their virtual connections."""
         self.closed = True
         self.server.connections.discard(self.presence)
         streams = list(self.streams.values())
@@ -414,12 +418,7 @@ class _Http2(asyncio.Protocol):
                 with contextlib.suppress(h2.exceptions.ProtocolError):
                     self.h2.close_connection(error, last_stream_id=self.accepted)
             self.flush(now=True)
-        self.closed = True
-        self.server.connections.discard(self.presence)
-        streams = list(self.streams.values())
-        self.streams.clear()
-        for stream in streams:
-            stream.lost()
+        self._closed()
         if self.transport is not None:
             self.transport.close()
 
