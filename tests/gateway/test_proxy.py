@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 
 from meshkit.discovery import Instance
 from meshkit.discovery.memory import MemoryRegistry
+from meshkit.gateway.server import _next_traceparent
 from tests.gateway.servers import Answer, Seen, echo, exchange, gateway, status_of, statuses, upstream
 
 pytestmark = pytest.mark.anyio
@@ -78,21 +80,59 @@ async def test_exact_template_method_host_and_header_conditions() -> None:
 async def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_set() -> None:
     async with upstream() as up, gateway(routes(route("all", up.target, path="/"))) as gw:
         raw = (
-            b"GET /x HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\n"
-            b"Keep-Alive: timeout=5\r\nProxy-Authorization: basic abc\r\nX-Forwarded-For: 6.6.6.6\r\n"
-            b"X-Kept: yes\r\nTE: trailers\r\n\r\n"
+            b"GET /x HTTP/1.1\r\nHost: shop.example\r\nX-Hop: 2\r\nConnection: keep-alive, x-secret\r\n"
+            b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: basic abc\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\nX-Kept: yes\r\nTE: trailers\r\nConnection: X-Hop\r\n\r\n"
         )
         response = await exchange(gw.port, raw)
         assert status_of(response) == 200
         seen = up.seen[-1]
         names = {k for k, _ in seen.headers}
-        assert {"x-secret", "keep-alive", "proxy-authorization", "te", "connection"}.isdisjoint(names)
+        # every Connection header counts, whether the field it names comes before or after it
+        assert {"x-secret", "x-hop", "keep-alive", "proxy-authorization", "te", "connection"}.isdisjoint(names)
         assert seen.header("x-kept") == "yes"
         # the client is not a trusted proxy: its X-Forwarded-For is replaced by its address
         assert seen.all("x-forwarded-for") == ["127.0.0.1"]
         assert seen.header("x-forwarded-host") == "shop.example"
         assert seen.header("x-forwarded-proto") == "http"
         assert seen.header("host") == up.target  # not preserve_host
+
+
+async def test_upstream_hop_by_hop_headers_are_dropped_from_the_response() -> None:
+    def answer(seen: Seen) -> Answer:
+        return Answer(
+            200,
+            b"ok",
+            [("Connection", "X-Up-Secret"), ("X-Up-Secret", "1"), ("KEEP-ALIVE", "timeout=5"), ("X-Up", "kept")],
+        )
+
+    async with upstream(answer) as up, gateway(routes(route("all", up.target, path="/"))) as gw:
+        for _ in range(2):  # the second answer's lines come from the gateway's cache of lines it has seen
+            response = await exchange(gw.port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            head = response.split(b"\r\n\r\n", 1)[0].lower()
+            assert status_of(response) == 200
+            assert b"x-up: kept" in head
+            assert b"x-up-secret" not in head and b"keep-alive" not in head
+            assert head.count(b"content-length: 2") == 1
+
+
+async def test_many_distinct_header_names_and_lines_stay_correct_past_the_caches_cap() -> None:
+    many = [(f"x-h{i}", str(i)) for i in range(1300)]
+
+    def answer(seen: Seen) -> Answer:
+        return Answer(200, b"ok", many)
+
+    async with upstream(answer) as up, gateway(routes(route("all", up.target, path="/"))) as gw:
+        request = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        request += b"".join(b"X-Q%d: %d\r\n" % (i, i) for i in range(1300)) + b"\r\n"
+        response = await exchange(gw.port, request)
+        assert status_of(response) == 200
+        assert [v for k, v in up.seen[-1].headers if k.startswith("x-q")] == [str(i) for i in range(1300)]
+        head = response.split(b"\r\n\r\n", 1)[0]
+        assert all(b"\r\nx-h%d: %d\r\n" % (i, i) in head + b"\r\n" for i in range(1300))
+        assert gw.server is not None
+        assert len(gw.server.header_names) <= 1024
+        assert len(gw.server.response_lines) <= 1024
 
 
 async def test_traceparent_continues_the_callers_trace_or_starts_one() -> None:
@@ -347,3 +387,16 @@ async def test_static_targets_share_the_requests_by_their_weights(balancer: str,
                     assert r.status == 200
         assert len(light.seen) + len(heavy.seen) == 400
         assert low <= len(light.seen) / 400 <= high, (len(light.seen), len(heavy.seen))
+
+
+def test_new_trace_and_span_ids_are_well_formed_even_from_an_unlucky_draw() -> None:
+    class Unlucky(random.Random):
+        def getrandbits(self, k: int) -> int:
+            return 0
+
+    for incoming in (None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"):
+        version, trace, span, flags = _next_traceparent(incoming, Unlucky()).split("-")
+        assert (version, len(trace), len(span)) == ("00", 32, 16)
+        assert int(trace, 16) != 0 and int(span, 16) != 0
+    version, trace, span, flags = _next_traceparent(None, random.Random(7)).split("-")
+    assert flags == "01" and len(trace) == 32 and len(span) == 16
