@@ -85,6 +85,9 @@ class _Conn(asyncio.Protocol):
         self.raw += data
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # the request asked to switch protocols; this upstream never does: it answered it as a plain request
+            self.parser = httptools.HttpRequestParser(self)
         except httptools.HttpParserError as exc:
             self.up.errors.append(f"{type(exc).__name__}: {exc}")
             assert self.transport is not None

@@ -172,6 +172,7 @@ class Gateway:
             header_timeout=config.limits.header_timeout,
             keepalive_timeout=config.limits.keepalive_timeout,
             max_body=config.limits.max_body,
+            websocket_idle_timeout=config.limits.websocket_idle_timeout,
         )
         trusted = _trusted(config.trusted_proxies)
         tls = _tls_context(config.listen.tls, self.loaded.folder) if config.listen.tls else None
@@ -454,6 +455,7 @@ class Gateway:
             max_concurrent=spec.max_concurrent,
             max_body=spec.max_body,
             preserve_host=spec.preserve_host,
+            websocket=spec.websocket,
         )
         return route.compile(global_plugins)
 

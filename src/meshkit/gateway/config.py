@@ -170,6 +170,7 @@ class LimitsConfig(_Model):
     header_timeout: Duration = 10.0
     keepalive_timeout: Duration = 60.0
     max_body: ByteSize = 10 * 1024 * 1024
+    websocket_idle_timeout: Duration = 300.0
 
 
 class BreakerConfig(_Model):
@@ -256,6 +257,11 @@ class RouteConfig(_Target):
     max_concurrent: int | None = Field(default=None, ge=1)
     max_body: ByteSize | None = None
     preserve_host: bool = False
+    websocket: bool = Field(
+        default=False,
+        description="forward WebSocket handshakes (GET with Upgrade: websocket); once the upstream answers 101 the "
+        "connection carries frames both ways, closed after limits.websocket_idle_timeout with nothing sent",
+    )
     plugins: PluginList = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -54,7 +54,8 @@ _ALL = 1 << 30  # "every plugin" as a position bound
 _RESPONSE_SKIP = frozenset(h.encode() for h in HOP_BY_HOP)
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
 _NO_HEADERS = Headers()
-_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "expect"})
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "expect", "upgrade"})
+_NO_UPGRADE, _WEBSOCKET, _IGNORED_UPGRADE = range(3)  # what a client connection does with an upgrade request
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 # request headers the gateway sets itself (or drops) when it forwards
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"}
@@ -70,6 +71,7 @@ class Limits:
     a request's first byte to the end of its headers (the connection is closed after it: slowloris).
     ``keepalive_timeout``: seconds an idle keep-alive connection is kept. ``max_body``: default body limit of
     routes that set none (413). ``max_pipelined``: requests read ahead on one connection before reading pauses.
+    ``websocket_idle_timeout``: seconds a WebSocket connection may carry nothing either way before it is closed.
     """
 
     max_header_bytes: int = 32 * 1024
@@ -78,6 +80,7 @@ class Limits:
     max_body: int = 10 * 1024 * 1024
     max_pipelined: int = 16
     max_buffered_response: int = 10 * 1024 * 1024
+    websocket_idle_timeout: float = 300.0
 
 
 class Upstream:
@@ -109,6 +112,7 @@ class Route:
     max_concurrent: int | None = None
     max_body: int | None = None
     preserve_host: bool = False
+    websocket: bool = False  # WebSocket handshakes are forwarded (else answered 501)
     # derived by compile()
     in_flight: int = 0
     request_hooks: tuple[tuple[int, Callable[[ProxyRequest], Any]], ...] = ()
@@ -197,6 +201,7 @@ class Server:
         self.max_idle_per_host = max_idle_per_host
         self.connections: set[_ClientConn] = set()
         self.exchanges: set[_Exchange] = set()
+        self.tunnels: set[_Tunnel] = set()  # WebSocket connections past their handshake
         self.idle: dict[tuple[str, int], list[_UpstreamConn]] = {}
         self.random = random.Random()
         #: header names as the parser gives them -> lower-case text, and upstream response header lines -> what
@@ -252,6 +257,8 @@ class Server:
             limits = self.limits
             for conn in [c for c in self.connections if c.expired(now, limits)]:
                 conn.timed_out()
+            for tunnel in [t for t in self.tunnels if now - t.last > limits.websocket_idle_timeout]:
+                tunnel.close()
             for key, conns in list(self.idle.items()):
                 fresh = [c for c in conns if now - c.idle_since < limits.keepalive_timeout and not c.closed]
                 for c in conns:
@@ -323,6 +330,8 @@ class Server:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
+        for tunnel in list(self.tunnels):
+            tunnel.close()
         for conns in self.idle.values():
             for c in conns:
                 c.close()
@@ -356,6 +365,7 @@ class _ClientConn(asyncio.Protocol):
         "queue",
         "server",
         "transport",
+        "upgrade",
         "url",
         "write_paused",
     )
@@ -379,6 +389,7 @@ class _ClientConn(asyncio.Protocol):
         self.fresh = True
         self.paused = False
         self.write_paused = False
+        self.upgrade = _NO_UPGRADE  # what the last request's Upgrade header asked for (see upgraded())
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
 
@@ -417,8 +428,8 @@ class _ClientConn(asyncio.Protocol):
                 log.error("gateway: internal error while reading a request", exc_info=cause or exc)  # noqa: TRY400
                 self.refuse(500, "the gateway failed to handle this request")
             return
-        except httptools.HttpParserUpgrade:
-            self.refuse(501, "protocol upgrades (WebSocket) are not supported by this gateway yet")
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded(data[exc.args[0] :])
             return
         except httptools.HttpParserInvalidURLError:
             self.refuse(400, "the request target is not a valid URL")
@@ -483,6 +494,7 @@ class _ClientConn(asyncio.Protocol):
         length = None
         chunked = False
         expect = False
+        upgrade = None
         for name, value in headers:
             if name not in _FRAMING:
                 continue
@@ -504,6 +516,8 @@ class _ClientConn(asyncio.Protocol):
                 if value.lower() != "100-continue":
                     raise BadRequest(417, f"unsupported expectation {value!r}")
                 expect = True
+            elif name == "upgrade":
+                upgrade = value
         if chunked and length is not None:
             raise BadRequest(400, "both Content-Length and Transfer-Encoding")
         if chunked and version == "1.0":
@@ -544,6 +558,11 @@ class _ClientConn(asyncio.Protocol):
             name, params, status_only = match.route.name, match.params, 0
         else:
             route, name, params, status_only = None, "", {}, match
+        websocket = False
+        if upgrade is not None and parser.should_upgrade():
+            websocket = self._upgrade(upgrade, method, length, chunked, route)
+            if self.upgrade == _WEBSOCKET:
+                keep_alive = False  # a refused handshake closes the connection (what follows it is not HTTP)
         req = ProxyRequest(
             method,
             path,
@@ -560,6 +579,8 @@ class _ClientConn(asyncio.Protocol):
         exchange = _Exchange(self, req, host, keep_alive, chunked or bool(length), length, expect)
         exchange.route = route
         exchange.status_only = status_only
+        if websocket:
+            exchange.upgrade = True
         if not keep_alive:
             self.keep_alive = False
         self.queue.append(exchange)
@@ -568,6 +589,46 @@ class _ClientConn(asyncio.Protocol):
         elif len(self.queue) >= server.limits.max_pipelined and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
+
+    def _upgrade(self, upgrade: str, method: str, length: int | None, chunked: bool, route: Route | None) -> bool:
+        """A request asked to switch protocols (``Connection: upgrade`` and ``Upgrade``): True when it is a WebSocket
+        handshake to forward. Another protocol (``h2c``...) is not switched to: the request is answered over
+        HTTP/1.1 and the connection goes on (RFC 9110 §7.8 lets a server ignore Upgrade)."""
+        if chunked or length:
+            # llhttp stops at the end of the head of an upgrade request: a body would be read as the next request
+            raise BadRequest(400, "a request asking for a protocol upgrade may not have a body")
+        if "websocket" not in {token.strip().lower() for token in upgrade.split(",")}:
+            self.upgrade = _IGNORED_UPGRADE
+            return False
+        self.upgrade = _WEBSOCKET
+        if route is None:
+            return False  # answered 404 / 405, then the connection is closed
+        if not route.websocket:
+            log.info(
+                "gateway: a WebSocket handshake on route %s, which does not accept them (websocket: true enables it)",
+                route.name,
+                extra={"route": route.name},
+            )
+            raise BadRequest(501, "this route does not accept WebSocket connections")
+        if method != "GET":
+            raise BadRequest(400, "a WebSocket handshake is a GET request")
+        return True
+
+    def upgraded(self, rest: bytes) -> None:
+        """llhttp stopped after the head of a request asking to switch protocols; ``rest`` is what followed it."""
+        kind, self.upgrade = self.upgrade, _NO_UPGRADE
+        if kind == _IGNORED_UPGRADE:  # answered as a plain request: read on with a new parser
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self.data_received(rest)
+            return
+        if self.transport is not None:
+            self.transport.pause_reading()  # until the upstream agreed to switch (then the tunnel reads) or not
+        exchange = self.queue[-1] if self.queue else None
+        if exchange is not None and exchange.upgrade:
+            exchange.early = rest  # frames sent ahead of the handshake's answer: the upstream gets them if it agrees
+        elif kind != _WEBSOCKET:
+            self.refuse(501, "this protocol upgrade is not supported")
 
     def on_body(self, body: bytes) -> None:
         if self.queue:
@@ -707,6 +768,9 @@ class _UpstreamConn(asyncio.Protocol):
             self.raw = self.raw + data if self.raw else data
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._switched(client, data[exc.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             client.uncork()
             exchange, self.exchange = self.exchange, None
@@ -721,6 +785,17 @@ class _UpstreamConn(asyncio.Protocol):
         if self.reset_parser:
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
+
+    def _switched(self, client: _ClientConn, rest: bytes) -> None:
+        """llhttp stopped after a 101's head: the end of HTTP on this connection."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and exchange.switch_head is not None:
+            exchange.switched(self, rest)
+            return
+        client.uncork()
+        self.close()
+        if exchange is not None:
+            exchange.upstream_broken("the upstream switched protocols without being asked to")
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -788,6 +863,7 @@ class _Exchange:
         "chunked_out",
         "client",
         "deadline",
+        "early",
         "expect",
         "has_body",
         "head_only",
@@ -809,8 +885,10 @@ class _Exchange:
         "status",
         "status_only",
         "streaming",
+        "switch_head",
         "tried",
         "up",
+        "upgrade",
         "waiting_body",
     )
 
@@ -855,6 +933,9 @@ class _Exchange:
         self.responded = False  # the response head was written
         self.status = 0
         self.span: Any = None  # the gateway's span of this request (tracing on)
+        self.upgrade = False  # a WebSocket handshake, forwarded as one
+        self.early = b""  # what the client sent after the handshake, before the upstream's answer
+        self.switch_head: bytes | None = None  # the upstream's 101 header lines, until llhttp confirms the switch
 
     # -- the request side ---------------------------------------------------------------------------------------
 
@@ -1091,6 +1172,8 @@ class _Exchange:
         if self.host:
             lines.append(f"x-forwarded-host: {self.host}\r\n")
         lines.append(f"traceparent: {self.hop_traceparent(traceparent)}\r\n")
+        if self.upgrade:
+            lines.append("connection: upgrade\r\nupgrade: websocket\r\n")
         buffered = not self.streaming and (self.request_done or route.buffer_request)
         if not self.has_body:
             lines.append("\r\n")
@@ -1207,7 +1290,7 @@ class _Exchange:
     # -- the response side --------------------------------------------------------------------------------------
 
     def response_head(self, status: int, raw: list[bytes], keep_alive: bool) -> None:
-        if 100 <= status < 200:
+        if 100 <= status < 200 and not (status == 101 and self.upgrade):
             self.resp_ignore = True  # an interim response (103 Early Hints): not passed on
             return
         self.resp_ignore = False
@@ -1241,6 +1324,9 @@ class _Exchange:
                 tokens = {t.strip().lower() for t in line.partition(b":")[2].split(b",")} - {b"close", b"keep-alive"}
         if tokens:
             kept = [k for k in kept if k.partition(b":")[0].lower() not in tokens]
+        if status == 101:  # the upstream accepts the WebSocket handshake; see switched()
+            self.switch_head = b"".join(line + b"\r\n" for line in kept)
+            return
         self.resp_framed = chunked or length is not None
         bodiless = self.head_only or status in (204, 304)
         if route.response_chain:
@@ -1316,10 +1402,12 @@ class _Exchange:
         if self.resp_ignore:
             self.resp_ignore = False
             return
+        if self.switch_head is not None:
+            return  # a 101's head is complete: switched() takes it from here
         up, self.up = self.up, None
         if up is not None:
             up.exchange = None
-            if keep_alive and self.request_done:
+            if keep_alive and self.request_done and not self.upgrade:
                 self.client.server.give(up)
             else:
                 up.close()
@@ -1340,6 +1428,32 @@ class _Exchange:
         self._finish_upstream(resp.status if resp is not None else None)
         self._done(self.status)
         self.client.finished(self, self.request_done)
+
+    def switched(self, up: _UpstreamConn, rest: bytes) -> None:
+        """llhttp confirmed the upstream's 101: answer the client, account for the handshake, and hand both
+        connections to a :class:`_Tunnel` (``rest``: the upstream's first frames, read with its head)."""
+        client = self.client
+        head, self.switch_head = self.switch_head or b"", None
+        client.write(_STATUS_LINES[101] + head + b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        if rest:
+            client.write(rest)
+        client.uncork()
+        self.responded = True
+        self.up = None
+        self._finish_upstream(101)
+        self._done(101)
+        server = client.server
+        client.queue.clear()
+        server.connections.discard(client)
+        client.closed = client.closed or client.transport is None
+        up.closed = True  # the connection belongs to the tunnel now: never back to the pool
+        if client.closed or client.transport is None or up.transport is None:
+            if up.transport is not None:
+                up.transport.close()
+            return
+        client.closed = True  # likewise: the client's connection is the tunnel's
+        _Tunnel(server, client.transport, up.transport, self.early)
+        self.early = b""
 
     # -- endings ------------------------------------------------------------------------------------------------
 
@@ -1465,6 +1579,75 @@ class _Exchange:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+
+
+class _Tunnel:
+    """A WebSocket connection past its handshake: the client's and the upstream's connections carry each other's
+    bytes, unread, until either closes or nothing crossed for ``websocket_idle_timeout`` seconds. Each direction
+    has its own back-pressure (a peer that cannot keep up pauses reading from the other) and half-close."""
+
+    __slots__ = ("closed", "ends", "last", "server")
+
+    def __init__(
+        self, server: Server, client: asyncio.Transport, upstream: asyncio.Transport, early: bytes = b""
+    ) -> None:
+        self.server = server
+        self.last = server.now
+        self.closed = False
+        self.ends = (_TunnelEnd(self, client, upstream), _TunnelEnd(self, upstream, client))
+        server.tunnels.add(self)
+        client.set_protocol(self.ends[0])
+        upstream.set_protocol(self.ends[1])
+        if early:
+            upstream.write(early)
+        if client.is_closing() or upstream.is_closing():
+            self.close()
+            return
+        client.resume_reading()  # paused since the handshake's head
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.tunnels.discard(self)
+            for end in self.ends:
+                end.transport.close()
+
+
+class _TunnelEnd(asyncio.Protocol):
+    """One side of a :class:`_Tunnel`: what ``transport`` reads goes to ``peer``."""
+
+    __slots__ = ("eof", "peer", "transport", "tunnel")
+
+    def __init__(self, tunnel: _Tunnel, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
+        self.tunnel = tunnel
+        self.transport = transport
+        self.peer = peer
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        tunnel.last = tunnel.server.now
+        if not tunnel.closed:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        """This side will send nothing more: tell the peer (half-close), keep the other direction open."""
+        self.eof = True
+        ends = self.tunnel.ends
+        if (ends[0].eof and ends[1].eof) or not self.peer.can_write_eof():
+            self.tunnel.close()
+            return False
+        self.peer.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.close()
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
 
 
 _KEEP, _DATE, _LENGTH, _CHUNKED, _CONNECTION, _HOP = range(6)  # what the response path does with a header line
