@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 
 import pytest
 
-from tests.gateway.servers import exchange, gateway, status_of, statuses, upstream
+from tests.gateway.servers import Answer, exchange, gateway, status_of, statuses, upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -222,3 +223,36 @@ async def test_an_idle_connection_that_never_sends_is_closed_after_the_header_ti
         async with asyncio.timeout(20):
             assert await reader.read() == b""
         writer.close()
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["keep-alive", "connection-close"])
+async def test_a_client_that_stops_reading_its_response_is_disconnected_after_the_send_timeout(closing: bool) -> None:
+    """Slow read: the client asks for a large response and reads none of it. Its connection (and the exchange, and
+    the upstream connection behind it) would be held for ever; after ``send_timeout`` it is aborted, and a client
+    whose connection the gateway had already closed (Connection: close) does not keep it half-open either."""
+    big = b"x" * (32 * 1024 * 1024)  # far more than the socket buffers of both ends hold
+
+    async with (
+        upstream(lambda seen: Answer(200, big)) as up,
+        gateway(
+            CONFIG.replace("TARGET", up.target).replace("max_body: 64KiB", "max_body: 64KiB, send_timeout: 1s")
+        ) as gw,
+    ):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        close = b"Connection: close\r\n" if closing else b""
+        await asyncio.get_running_loop().sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: a\r\n" + close + b"\r\n")
+        try:
+            assert gw.server is not None
+            async with asyncio.timeout(30):
+                while not gw.server.connections:  # noqa: ASYNC110 - the server's state, no event to wait on
+                    await asyncio.sleep(0.02)
+                while gw.server.connections or gw.server.exchanges:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            # others are served meanwhile and after
+            small = await exchange(gw.port, b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert status_of(small) == 200
+        finally:
+            sock.close()

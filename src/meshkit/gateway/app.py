@@ -173,6 +173,7 @@ class Gateway:
             keepalive_timeout=config.limits.keepalive_timeout,
             max_body=config.limits.max_body,
             websocket_idle_timeout=config.limits.websocket_idle_timeout,
+            send_timeout=config.limits.send_timeout,
         )
         trusted = _trusted(config.trusted_proxies)
         tls = _tls_context(config.listen.tls, self.loaded.folder) if config.listen.tls else None

@@ -171,6 +171,7 @@ class LimitsConfig(_Model):
     keepalive_timeout: Duration = 60.0
     max_body: ByteSize = 10 * 1024 * 1024
     websocket_idle_timeout: Duration = 300.0
+    send_timeout: Duration = 60.0  # a client that reads nothing of its response for this long is disconnected
 
 
 class BreakerConfig(_Model):

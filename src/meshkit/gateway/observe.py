@@ -28,13 +28,12 @@ from pydantic import BaseModel, ConfigDict
 from meshkit._core.metrics import MetricSet
 from meshkit._core.optional import require
 from meshkit.gateway.plugin import Plugin, PluginContext, ProxyRequest
-from meshkit.gateway.server import Observer
 from meshkit.tracing import TRACE_HEADERS
 
 __all__ = ["AccessLog", "GatewaySpans", "Metrics"]
 
 
-class Metrics(Observer):
+class Metrics:
     """Prometheus metrics of one gateway (its own registry: two gateways in one process do not mix). Recording a
     request finds its series in one dictionary and adds to them (see :mod:`meshkit._core.metrics`)."""
 

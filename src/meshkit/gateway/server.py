@@ -72,6 +72,8 @@ class Limits:
     ``keepalive_timeout``: seconds an idle keep-alive connection is kept. ``max_body``: default body limit of
     routes that set none (413). ``max_pipelined``: requests read ahead on one connection before reading pauses.
     ``websocket_idle_timeout``: seconds a WebSocket connection may carry nothing either way before it is closed.
+    ``send_timeout``: seconds a client may leave the gateway unable to write to it (it does not read: slow read)
+    before its connection is aborted.
     """
 
     max_header_bytes: int = 32 * 1024
@@ -81,6 +83,7 @@ class Limits:
     max_pipelined: int = 16
     max_buffered_response: int = 10 * 1024 * 1024
     websocket_idle_timeout: float = 300.0
+    send_timeout: float = 60.0
 
 
 class Upstream:
@@ -165,8 +168,16 @@ class SpanHooks(Protocol):
     def end(self, span: Any, req: ProxyRequest, status: int) -> None: ...
 
 
-class Observer:
-    """What the server reports to (metrics); the gateway passes one. The base class records nothing."""
+class Observer(Protocol):
+    """What the server reports to (metrics); the gateway passes one (:class:`meshkit.gateway.observe.Metrics`)."""
+
+    def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None: ...
+
+    def upstream_error(self, route: str, upstream: str, kind: str) -> None: ...
+
+
+class _Unobserved:
+    """The observer of a server given none: records nothing."""
 
     def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
         return None
@@ -195,7 +206,7 @@ class Server:
         self.spans = spans
         self.limits = limits or Limits()
         self.trusted = trusted
-        self.observer = observer or Observer()
+        self.observer: Observer = observer or _Unobserved()
         self.scheme = scheme
         self.connect_timeout = connect_timeout
         self.max_idle_per_host = max_idle_per_host
@@ -258,7 +269,7 @@ class Server:
             for conn in [c for c in self.connections if c.expired(now, limits)]:
                 conn.timed_out()
             for tunnel in [t for t in self.tunnels if now - t.last > limits.websocket_idle_timeout]:
-                tunnel.close()
+                tunnel.close(abort=True)
             for key, conns in list(self.idle.items()):
                 fresh = [c for c in conns if now - c.idle_since < limits.keepalive_timeout and not c.closed]
                 for c in conns:
@@ -331,7 +342,7 @@ class Server:
         for conn in list(self.connections):
             conn.close()
         for tunnel in list(self.tunnels):
-            tunnel.close()
+            tunnel.close(abort=True)
         for conns in self.idle.values():
             for c in conns:
                 c.close()
@@ -368,6 +379,7 @@ class _ClientConn(asyncio.Protocol):
         "upgrade",
         "url",
         "write_paused",
+        "write_paused_since",
     )
 
     def __init__(self, server: Server) -> None:
@@ -389,6 +401,7 @@ class _ClientConn(asyncio.Protocol):
         self.fresh = True
         self.paused = False
         self.write_paused = False
+        self.write_paused_since = 0.0
         self.upgrade = _NO_UPGRADE  # what the last request's Upgrade header asked for (see upgraded())
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
@@ -409,6 +422,7 @@ class _ClientConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_since = self.server.now
         if self.queue:
             self.queue[0].pause_upstream(True)
 
@@ -622,12 +636,17 @@ class _ClientConn(asyncio.Protocol):
             if rest:
                 self.data_received(rest)
             return
-        if self.transport is not None:
-            self.transport.pause_reading()  # until the upstream agreed to switch (then the tunnel reads) or not
         exchange = self.queue[-1] if self.queue else None
         if exchange is not None and exchange.upgrade:
-            exchange.early = rest  # frames sent ahead of the handshake's answer: the upstream gets them if it agrees
-        elif kind != _WEBSOCKET:
+            # nothing more on this connection is HTTP: until the upstream answers, what the client sends is kept
+            # for the tunnel (forwarded only after a 101), and its leaving ends the exchange
+            if self.transport is not None:
+                self.transport.set_protocol(_Held(self, exchange))
+            exchange.hold(rest)
+        elif kind == _WEBSOCKET:
+            if self.transport is not None:
+                self.transport.pause_reading()  # the handshake was answered (404...): the connection closes
+        else:
             self.refuse(501, "this protocol upgrade is not supported")
 
     def on_body(self, body: bytes) -> None:
@@ -662,7 +681,9 @@ class _ClientConn(asyncio.Protocol):
         """``exchange`` wrote its whole response; start the next queued one or close."""
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
-        if not reusable or not self.keep_alive or self.server._closing:
+        # close after the exchange that asked for it (Connection: close, a WebSocket handshake...), not before
+        # the requests read ahead of it are answered
+        if not reusable or not exchange.keep_alive or self.server._closing or not (self.keep_alive or self.queue):
             self.close()
             return
         if self.paused and self.transport is not None:
@@ -698,6 +719,8 @@ class _ClientConn(asyncio.Protocol):
             self.transport.close()
 
     def expired(self, now: float, limits: Limits) -> bool:
+        if self.write_paused and now - self.write_paused_since > limits.send_timeout:
+            return True  # a client that stopped reading what it asked for (slow read)
         if self.head_started:
             return now - self.head_started > limits.header_timeout
         if self.fresh:  # connected and sent nothing yet: it gets the header timeout, not keep-alive's
@@ -705,7 +728,14 @@ class _ClientConn(asyncio.Protocol):
         return not self.queue and now - self.idle_since > limits.keepalive_timeout
 
     def timed_out(self) -> None:
-        if self.head_started:
+        if (self.write_paused or self.closed) and self.transport is not None:
+            # the client stopped reading, or the connection was closed but what was left to write never left:
+            # nothing more can reach it
+            if self.write_paused:
+                log.info("gateway: %s stopped reading its response; connection aborted", self.peer)
+            self.closed = True
+            self.transport.abort()
+        elif self.head_started:
             self.refuse(408, "the request headers took too long to arrive")
         else:
             self.close()
@@ -1371,13 +1401,13 @@ class _Exchange:
         status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()
         if length is None:
             if self.req.http_version == "1.0":
-                client.keep_alive = False
+                client.keep_alive = self.keep_alive = False  # the end of the body is the end of the connection
                 self.resp_chunked = False
             else:
                 lines.append(b"transfer-encoding: chunked\r\n")
         elif length >= 0:
             lines.append(b"content-length: %d\r\n" % length)
-        if not client.keep_alive:
+        if not self.keep_alive or client.server._closing or (not client.keep_alive and len(client.queue) <= 1):
             lines.append(b"connection: close\r\n")
         if not dated:
             lines.append(b"date: " + client.server.date + b"\r\n")
@@ -1428,6 +1458,14 @@ class _Exchange:
         self._finish_upstream(resp.status if resp is not None else None)
         self._done(self.status)
         self.client.finished(self, self.request_done)
+
+    def hold(self, data: bytes) -> None:
+        """Keep what the client sent after the handshake (bounded: reading pauses past ``_MAX_EARLY``)."""
+        if data:
+            self.early += data
+            transport = self.client.transport
+            if len(self.early) > _MAX_EARLY and transport is not None:
+                transport.pause_reading()
 
     def switched(self, up: _UpstreamConn, rest: bytes) -> None:
         """llhttp confirmed the upstream's 101: answer the client, account for the handshake, and hand both
@@ -1499,7 +1537,7 @@ class _Exchange:
         # a body we did not read leaves the stream without framing we trust: close after this answer
         reusable = self.request_done
         if not reusable:
-            self.client.keep_alive = False
+            self.client.keep_alive = self.keep_alive = False
         body = b"" if self.head_only else out
         no_body = resp.status in (204, 304) or 100 <= resp.status < 200
         self._write_head(resp.status, resp.headers.items(), -1 if no_body else len(out))
@@ -1599,30 +1637,43 @@ class _Tunnel:
         client.set_protocol(self.ends[0])
         upstream.set_protocol(self.ends[1])
         if early:
-            upstream.write(early)
+            upstream.write(early)  # (may pause reading from the client, through ends[1].pause_writing)
         if client.is_closing() or upstream.is_closing():
             self.close()
             return
-        client.resume_reading()  # paused since the handshake's head
+        if not self.ends[1].writing_paused:
+            client.resume_reading()  # in case the early frames paused it (see _Exchange.hold)
 
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.server.tunnels.discard(self)
-            for end in self.ends:
+    def close(self, *, abort: bool = False) -> None:
+        """Close both connections: after what is queued to each is written, or (``abort``: the idle timeout, the
+        gateway stopping) at once. A tunnel leaves ``server.tunnels`` when both connections are gone, so one
+        that cannot flush to a client that stopped reading is aborted by the idle sweep in the end."""
+        self.closed = True
+        for end in self.ends:
+            if abort:
+                end.transport.abort()
+            elif not end.transport.is_closing():
                 end.transport.close()
+
+    def lost(self) -> None:
+        if all(end.lost for end in self.ends):
+            self.server.tunnels.discard(self)
+        else:
+            self.close()
 
 
 class _TunnelEnd(asyncio.Protocol):
     """One side of a :class:`_Tunnel`: what ``transport`` reads goes to ``peer``."""
 
-    __slots__ = ("eof", "peer", "transport", "tunnel")
+    __slots__ = ("eof", "lost", "peer", "transport", "tunnel", "writing_paused")
 
     def __init__(self, tunnel: _Tunnel, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
         self.tunnel = tunnel
         self.transport = transport
         self.peer = peer
         self.eof = False
+        self.lost = False
+        self.writing_paused = False
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -1631,27 +1682,60 @@ class _TunnelEnd(asyncio.Protocol):
             self.peer.write(data)
 
     def eof_received(self) -> bool:
-        """This side will send nothing more: tell the peer (half-close), keep the other direction open."""
+        """This side will send nothing more: tell the peer (half-close) and keep the other direction open; a TLS
+        connection cannot stay half-open, so its end closes the tunnel once the peer has been told."""
         self.eof = True
         ends = self.tunnel.ends
-        if (ends[0].eof and ends[1].eof) or not self.peer.can_write_eof():
-            self.tunnel.close()
-            return False
-        self.peer.write_eof()
-        return True
+        peer_can = self.peer.can_write_eof()
+        if peer_can and not (ends[0].eof and ends[1].eof):
+            self.peer.write_eof()
+            if self.transport.get_extra_info("ssl_object") is None:
+                return True
+        self.tunnel.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.close()
+        self.lost = True
+        self.tunnel.lost()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         self.peer.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         self.peer.resume_reading()
+
+
+class _Held(asyncio.Protocol):
+    """A client connection whose WebSocket handshake waits for the upstream's answer: reads go to the exchange's
+    early bytes (see :meth:`_Exchange.hold`), a client that leaves ends the exchange as on any connection."""
+
+    __slots__ = ("conn", "exchange")
+
+    def __init__(self, conn: _ClientConn, exchange: _Exchange) -> None:
+        self.conn = conn
+        self.exchange = exchange
+
+    def data_received(self, data: bytes) -> None:
+        self.exchange.hold(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # a client that stops sending before the answer has left: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
 
 
 _KEEP, _DATE, _LENGTH, _CHUNKED, _CONNECTION, _HOP = range(6)  # what the response path does with a header line
 _CACHED_LINES = 1024
+_MAX_EARLY = 64 * 1024  # bytes kept from a client between its WebSocket handshake and the upstream's answer
 _LOW_64 = (1 << 64) - 1
 _LOW_BITS = (1 << 64) | 1  # the lowest bit of the trace id and of the span id
 
