@@ -37,6 +37,7 @@ test: lint typecheck
 	scripts/install-etcd.sh >/dev/null
 	scripts/install-browser.sh
 	$(BIN)/pytest --cov=meshkit --cov-branch --cov-report=term:skip-covered
+	scripts/test-native.sh
 
 soak: venv
 	MESHKIT_SOAK=1 $(BIN)/pytest -m slow
@@ -54,4 +55,4 @@ bench-brokers: venv
 	$(BIN)/python benchmarks/messaging.py --broker redis,nats,rabbitmq,kafka
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .native

@@ -1,7 +1,7 @@
 """The gateway against nginx, same upstream, same machine, one run.
 
-    .venv/bin/python benchmarks/gateway.py [--duration 10] [--connections 64] [--workers 1,2] [--no-pin]
-        [--pacing poisson|fixed] [--markdown]
+    .venv/bin/python benchmarks/gateway.py [--duration 10] [--connections 64] [--workers 1,2] [--rounds 3]
+        [--no-native] [--no-pin] [--pacing poisson|fixed] [--markdown]
 
 Needs wrk and nginx (Debian: ``scripts/install-bench-tools.sh``). The upstream is nginx answering ``ok``; the
 load generator is ``wrk -t2 -cN``. With 2+ CPUs and ``taskset`` (util-linux), the 1-worker runs pin the proxy under
@@ -9,7 +9,11 @@ test (nginx, the relay, the gateway alike) to CPU 0 and wrk and the upstream to 
 pinned; the upstream otherwise stays on CPU 1 for the 2-worker runs too). Measured, for 1 and 2 workers each: direct
 to the upstream; nginx as a reverse proxy (keep-alive to the upstream); with 1 worker, the floor under any Python
 proxy (``benchmarks/python_relay.py``: a uvloop byte relay that parses nothing); the meshkit gateway with no
-plugins; the meshkit gateway with JWT + rate limit + access log. Then the latency the gateway adds at half of its
+plugins, as the Python source runs it and, unless ``--no-native``, with the forwarding engine compiled by mypyc
+(``scripts/build-native.sh``: the wheel a release builds; needs a C compiler) (nginx and each engine ``--rounds``
+times, alternately, reported as medians with each round's ratio: one pair of 10-second runs on a shared machine can
+differ by 20 % from the next); the meshkit gateway with JWT + rate limit +
+access log. Then the latency the gateway adds at half of its
 own maximum rate: wrk paced by a Lua ``delay()`` to that rate (``--pacing``: Poisson arrivals by default, or fixed
 delays), direct and through the gateway, p99 difference.
 """
@@ -22,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +162,39 @@ routes:
     return path
 
 
+def start_gateway(
+    config: Path, workers: int, on: Sequence[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``env``: added to the environment (``PYTHONPATH`` of the compiled build)."""
+    return subprocess.Popen(
+        [*on, PYTHON, "-m", "meshkit", "gateway", "--config", str(config), "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, **env} if env else None,
+    )
+
+
+def native_build() -> dict[str, str] | None:
+    """The environment that runs the mypyc-compiled engine (``scripts/build-native.sh``), or None when it cannot
+    be built here (no C compiler)."""
+    site = ROOT / ".native" / "site"
+    done = subprocess.run([str(ROOT / "scripts" / "build-native.sh"), str(site)], check=False)
+    if done.returncode == 3:
+        print("the compiled engine cannot be built here: measuring the Python engine only", file=sys.stderr)
+        return None
+    if done.returncode != 0:
+        sys.exit("error: scripts/build-native.sh failed (see above); --no-native measures the Python engine only")
+    return {"PYTHONPATH": str(site)}
+
+
+def median_result(results: Sequence[Result]) -> Result:
+    """The run with the median rate (its own latencies with it)."""
+    ordered = sorted(results, key=lambda r: r.rps)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    return Result(chosen.name, chosen.rps, chosen.p50_ms, chosen.p99_ms, sum(r.errors for r in results))
+
+
 def bench_token() -> str:
     import jwt  # PyJWT, installed with the gateway extra
 
@@ -185,11 +223,28 @@ def main() -> None:
         help="1-worker runs: the proxy under test on CPU 0, wrk and the upstream on CPU 1 (default: with 2+ CPUs)",
     )
     parser.add_argument("--pacing", choices=("poisson", "fixed"), default="poisson", help="see paced_script")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="nginx and the no-plugin gateway are measured this many times, alternately; medians are reported",
+    )
+    parser.add_argument(
+        "--native",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the engine compiled with mypyc, as a wheel built with the hook carries it",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", NGINX):
         if shutil.which(tool) is None and not Path(tool).exists():
             sys.exit(f"error: {tool} is not installed\nhint: scripts/install-bench-tools.sh")
+    engines: dict[str, dict[str, str] | None] = {"Python engine": None}
+    if args.native:
+        native = native_build()
+        if native is not None:
+            engines["compiled engine"] = native
     folder = Path(tempfile.mkdtemp(prefix="meshkit-gw-bench-"))
     d, c = args.duration, args.connections
     # Pinned, a 1-worker proxy has a core to itself and the load (wrk, the upstream) the other: neither steals the
@@ -234,11 +289,36 @@ def main() -> None:
             procs.append(proxy)
             wait_port(port)
             wrk(f"http://127.0.0.1:{port}/", 2, c, [], on=on_load)
-            ng = wrk(f"http://127.0.0.1:{port}/", d, c, [], on=on_load)
-            ng.name = f"nginx proxy, {workers} worker(s){where}"
+            # nginx and the no-plugin gateway(s) alternately, --rounds times: the machine's drift hits all alike
+            plain: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+            for engine, env in engines.items():
+                gport = free_port()
+                config = gateway_config(folder, f"gw{workers}{engine[0]}", up_port, gport, False)
+                plain[engine] = (gport, start_gateway(config, workers, on_proxy, env))
+                procs.append(plain[engine][1])
+                wait_port(gport)
+                wrk(f"http://127.0.0.1:{gport}/", 2, c, [], on=on_load)
+            runs: dict[str, list[Result]] = {"nginx": [], **{engine: [] for engine in engines}}
+            for round_ in range(args.rounds):
+                runs["nginx"].append(wrk(f"http://127.0.0.1:{port}/", d, c, [], on=on_load))
+                for engine, (gport, _) in plain.items():
+                    runs[engine].append(wrk(f"http://127.0.0.1:{gport}/", d, c, [], on=on_load))
+                said = ", ".join(
+                    f"{engine} {results[-1].rps:,.0f} rps ({results[-1].rps / runs['nginx'][-1].rps:.2f}x)"
+                    for engine, results in runs.items()
+                    if engine != "nginx"
+                )
+                print(
+                    f"round {round_ + 1}/{args.rounds}, {workers} worker(s): nginx {runs['nginx'][-1].rps:,.0f} rps, "
+                    f"{said}",
+                    file=sys.stderr,
+                )
+            stop(proxy)
+            of = f", median of {args.rounds}" if args.rounds > 1 else ""
+            ng = median_result(runs["nginx"])
+            ng.name = f"nginx proxy, {workers} worker(s){where}{of}"
             rows.append(ng)
             print(f"{ng.name}: {ng.rps:,.0f} rps", file=sys.stderr)
-            stop(proxy)
             if workers == 1:  # the floor under any Python proxy on this machine (benchmarks/python_relay.py)
                 rport = free_port()
                 relay = subprocess.Popen(
@@ -253,44 +333,44 @@ def main() -> None:
                 rows.append(floor)
                 print(f"{floor.name}: {floor.rps:,.0f} rps", file=sys.stderr)
                 stop(relay)
-            for plugins in (False, True):
-                name = f"gw{workers}{'p' if plugins else ''}"
-                gport = free_port()
-                config = gateway_config(folder, name, up_port, gport, plugins)
-                gw = subprocess.Popen(
-                    [*on_proxy, PYTHON, "-m", "meshkit", "gateway", "--config", str(config), "--workers", str(workers)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    cwd=ROOT,
-                )
-                procs.append(gw)
-                wait_port(gport)
-                headers = [f"Authorization: Bearer {token}"] if plugins else []
-                wrk(f"http://127.0.0.1:{gport}/", 2, c, headers, on=on_load)
-                r = wrk(f"http://127.0.0.1:{gport}/", d, c, headers, on=on_load)
-                label = "JWT + rate limit + access log" if plugins else "no plugins"
-                r.name = f"meshkit gateway, {label}, {workers} worker(s){where}"
-                r.name += f" — {r.rps / ng.rps:.2f}x nginx"
+            for engine, (gport, gw) in plain.items():
+                ratios = sorted(g.rps / n.rps for n, g in zip(runs["nginx"], runs[engine], strict=True))
+                r = median_result(runs[engine])
+                r.name = f"meshkit gateway, no plugins, {engine}, {workers} worker(s){where}{of}"
+                r.name += f" — {statistics.median(ratios):.2f}x nginx"
+                if args.rounds > 1:
+                    r.name += " (rounds: " + ", ".join(f"{x:.2f}" for x in ratios) + ")"
                 rows.append(r)
                 print(f"{r.name}: {r.rps:,.0f} rps", file=sys.stderr)
-                if not plugins:
-                    # latency added at half of the gateway's own max rate
-                    half = r.rps / 2
-                    script = paced_script(folder, half, c, args.pacing)
-                    base = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], script, on=on_load)
-                    via = wrk(f"http://127.0.0.1:{gport}/", d, c, [], script, on=on_load)
-                    added = Result(
-                        f"p99 added at {half:,.0f} rps (half of max, {args.pacing} arrivals), {workers} worker(s)"
-                        f"{where}: {via.p99_ms - base.p99_ms:.2f} ms (direct p99 {base.p99_ms:.2f} ms, via gateway "
-                        f"{via.p99_ms:.2f} ms; p50 added {via.p50_ms - base.p50_ms:.2f} ms)",
-                        via.rps,
-                        via.p50_ms,
-                        via.p99_ms,
-                        via.errors,
-                    )
-                    rows.append(added)
-                    print(added.name, file=sys.stderr)
+                # latency added at half of the gateway's own max rate
+                half = r.rps / 2
+                script = paced_script(folder, half, c, args.pacing)
+                base = wrk(f"http://127.0.0.1:{up_port}/", d, c, [], script, on=on_load)
+                via = wrk(f"http://127.0.0.1:{gport}/", d, c, [], script, on=on_load)
+                added = Result(
+                    f"p99 added at {half:,.0f} rps (half of max, {args.pacing} arrivals), {engine}, {workers} "
+                    f"worker(s){where}: {via.p99_ms - base.p99_ms:.2f} ms (direct p99 {base.p99_ms:.2f} ms, via "
+                    f"gateway {via.p99_ms:.2f} ms; p50 added {via.p50_ms - base.p50_ms:.2f} ms)",
+                    via.rps,
+                    via.p50_ms,
+                    via.p99_ms,
+                    via.errors,
+                )
+                rows.append(added)
+                print(added.name, file=sys.stderr)
                 stop(gw)
+            gport = free_port()
+            gw = start_gateway(gateway_config(folder, f"gw{workers}p", up_port, gport, True), workers, on_proxy)
+            procs.append(gw)
+            wait_port(gport)
+            headers = [f"Authorization: Bearer {token}"]
+            wrk(f"http://127.0.0.1:{gport}/", 2, c, headers, on=on_load)
+            r = wrk(f"http://127.0.0.1:{gport}/", d, c, headers, on=on_load)
+            r.name = f"meshkit gateway, JWT + rate limit + access log, Python engine, {workers} worker(s){where}"
+            r.name += f" — {r.rps / ng.rps:.2f}x nginx"
+            rows.append(r)
+            print(f"{r.name}: {r.rps:,.0f} rps", file=sys.stderr)
+            stop(gw)
     finally:
         for p in procs:
             stop(p)

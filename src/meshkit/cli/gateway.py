@@ -74,6 +74,7 @@ def _logging() -> None:
 
 def _serve(config: str, watch: bool, *, reuse_port: bool, admin: bool) -> None:
     from meshkit.gateway import Gateway, load_config  # noqa: PLC0415
+    from meshkit.gateway import server as engine_module  # noqa: PLC0415
 
     async def main() -> None:
         gateway = Gateway(load_config(config), path=config, reuse_port=reuse_port, admin=admin)
@@ -88,7 +89,11 @@ def _serve(config: str, watch: bool, *, reuse_port: bool, admin: bool) -> None:
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
         admin_at = f", admin on port {gateway.admin_port}" if gateway.admin_port else ""
-        sys.stdout.write(f"meshkit gateway: listening on port {gateway.port}{admin_at} (pid {os.getpid()})\n")
+        # a wheel built with the mypyc hook (scripts/build-native.sh) carries the engine as a C extension
+        engine = "Python" if (engine_module.__file__ or "").endswith(".py") else "compiled"
+        sys.stdout.write(
+            f"meshkit gateway: listening on port {gateway.port}{admin_at} (pid {os.getpid()}, {engine} engine)\n"
+        )
         sys.stdout.flush()
         try:
             await stop.wait()
