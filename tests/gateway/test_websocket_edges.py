@@ -130,6 +130,19 @@ async def connect(port: int, **kw: Any) -> AsyncIterator[tuple[asyncio.StreamRea
             await asyncio.wait_for(writer.wait_closed(), 5)
 
 
+@contextlib.asynccontextmanager
+async def tunnel_to(
+    script: Script,
+) -> AsyncIterator[tuple[RawUpstream, Gateway, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw upstream running ``script``, a gateway in front of it, and a client whose handshake it switched (the
+    101's head read)."""
+    async with raw_upstream(script) as up, gateway(config(up.target)) as gw, connect(gw.port) as (reader, writer):
+        writer.write(HANDSHAKE + b"\r\n")
+        async with asyncio.timeout(10):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        yield up, gw, reader, writer
+
+
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 - the gateway's state, no event
@@ -361,14 +374,8 @@ async def test_a_client_half_close_reaches_the_upstream_which_can_still_answer()
         conn.writer.write(b"bye")
         await conn.writer.drain()
 
-    async with (
-        raw_upstream(script) as up,
-        gateway(config(up.target)) as gw,
-        connect(gw.port) as (reader, writer),
-    ):
-        writer.write(HANDSHAKE + b"\r\n")
+    async with tunnel_to(script) as (up, gw, reader, writer):
         async with asyncio.timeout(10):
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
             writer.write(b"ping")
             writer.write_eof()
             assert await reader.read() == b"bye"  # then EOF: the upstream closed, the tunnel too
@@ -382,14 +389,8 @@ async def test_an_upstream_half_close_reaches_the_client_which_can_still_send() 
         conn.writer.write_eof()
         await conn.read_rest()
 
-    async with (
-        raw_upstream(script) as up,
-        gateway(config(up.target)) as gw,
-        connect(gw.port) as (reader, writer),
-    ):
-        writer.write(HANDSHAKE + b"\r\n")
+    async with tunnel_to(script) as (up, gw, reader, writer):
         async with asyncio.timeout(10):
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
             assert await reader.read() == b"last"  # and EOF
             writer.write(b"after-eof")
             writer.write_eof()
@@ -584,14 +585,7 @@ async def test_a_client_that_does_not_read_pauses_reading_from_the_upstream() ->
                 conn.sent += len(chunk)
         await conn.read_rest()
 
-    async with (
-        raw_upstream(script) as up,
-        gateway(config(up.target)) as gw,
-        connect(gw.port) as (reader, writer),
-    ):
-        writer.write(HANDSHAKE + b"\r\n")
-        async with asyncio.timeout(10):
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    async with tunnel_to(script) as (up, gw, _reader, writer):
         cast("asyncio.Transport", writer.transport).pause_reading()
         await until(lambda: bool(gw.server and gw.server.tunnels))
         client_side, upstream_side = (end.transport for end in the_tunnel(gw).ends)
@@ -608,14 +602,7 @@ async def test_an_upstream_that_does_not_read_pauses_reading_from_the_client() -
         cast("asyncio.Transport", conn.writer.transport).pause_reading()
         await stop.wait()
 
-    async with (
-        raw_upstream(script) as up,
-        gateway(config(up.target)) as gw,
-        connect(gw.port) as (reader, writer),
-    ):
-        writer.write(HANDSHAKE + b"\r\n")
-        async with asyncio.timeout(10):
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    async with tunnel_to(script) as (up, gw, _reader, writer):
         client_side, upstream_side = (end.transport for end in the_tunnel(gw).ends)
         writer.write(b"y" * 20 * MiB)  # buffered by the test's transport once the gateway stops reading
         await until(lambda: not client_side.is_reading() or upstream_side.get_write_buffer_size() > 4 * MiB)
