@@ -5,7 +5,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-resilience test lint typecheck unit soak bench bench-brokers bench-gateway clean venv
+.PHONY: demo demo-resilience test lint typecheck unit soak bench bench-brokers bench-gateway dist clean venv
 
 $(STAMP): pyproject.toml constraints.txt scripts/python.sh
 	@test -x $(BIN)/python || "$$(scripts/python.sh)" -m venv $(VENV)
@@ -54,5 +54,11 @@ bench-brokers: venv
 	scripts/ensure-services.sh
 	$(BIN)/python benchmarks/messaging.py --broker redis,nats,rabbitmq,kafka
 
+# the release wheel: the gateway engine compiled with mypyc (needs a C compiler), for this platform and Python
+dist: venv
+	scripts/build-native.sh .native/site
+	mkdir -p dist && cp .native/wheel/*.whl dist/
+	@ls dist/*.whl
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .native
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .native dist
