@@ -57,7 +57,7 @@ bench-brokers: venv
 # the release wheel: the gateway engine compiled with mypyc (needs a C compiler), for this platform and Python
 dist: venv
 	scripts/build-native.sh .native/site
-	mkdir -p dist && cp .native/wheel/*.whl dist/
+	mkdir -p dist && cp .native/site-wheel/*.whl dist/
 	@ls dist/*.whl
 
 clean:

@@ -63,6 +63,10 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=%]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
+class _Closed(Exception):
+    """Raised from a parser callback to stop reading a connection the gateway closed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Bounds on what a client may send and how long it may take.
@@ -361,6 +365,7 @@ class _ClientConn(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "closed_since",
         "corked",
         "fresh",
         "head_bytes",
@@ -374,8 +379,10 @@ class _ClientConn(asyncio.Protocol):
         "paused",
         "peer",
         "queue",
+        "refusal",
         "server",
         "transport",
+        "unsent",
         "upgrade",
         "url",
         "write_paused",
@@ -402,6 +409,9 @@ class _ClientConn(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.write_paused_since = 0.0
+        self.closed_since = 0.0
+        self.unsent = 0  # bytes waiting in the transport when writing paused or the connection closed
+        self.refusal: tuple[int, str] | None = None  # the answer to a request that could not be read, written last
         self.upgrade = _NO_UPGRADE  # what the last request's Upgrade header asked for (see upgraded())
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
@@ -423,6 +433,7 @@ class _ClientConn(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_since = self.server.now
+        self.unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
         if self.queue:
             self.queue[0].pause_upstream(True)
 
@@ -436,6 +447,8 @@ class _ClientConn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _Closed):
+                return  # nothing after it is read, let alone forwarded
             if isinstance(cause, BadRequest):
                 self.refuse(cause.status, cause.message)
             else:
@@ -467,6 +480,8 @@ class _ClientConn(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.closed:  # closed after an answer while requests pipelined behind it were still in the buffer
+            raise _Closed
         self.headers = []
         self.url = b""
         self.head_started = self.server.now
@@ -681,6 +696,13 @@ class _ClientConn(asyncio.Protocol):
         """``exchange`` wrote its whole response; start the next queued one or close."""
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
+        self.idle_since = self.server.now  # keep-alive's idle time starts when the answer is written
+        if self.refusal is not None and reusable and exchange.keep_alive:
+            if not self.queue:
+                self._write_refusal()  # the requests before the one refused are answered: now its answer
+                return
+            self.queue[0].start()
+            return
         # close after the exchange that asked for it (Connection: close, a WebSocket handshake...), not before
         # the requests read ahead of it are answered
         if not reusable or not exchange.keep_alive or self.server._closing or not (self.keep_alive or self.queue):
@@ -692,17 +714,13 @@ class _ClientConn(asyncio.Protocol):
         if self.queue:
             self.queue[0].start()
 
-    def refuse(self, status: int, message: str) -> None:
-        """Answer a request the gateway cannot read, then close (the rest of the stream has no reliable framing)."""
+    def refuse(self, status: int, message: str, exchange: _Exchange | None = None) -> None:
+        """Answer a request the gateway cannot read (``exchange``: its exchange, when it has one), then close: the
+        rest of the stream has no framing it can trust, so nothing more is read. The requests read before it are
+        answered first, in order, and the refusal last (see :meth:`finished`)."""
         self.keep_alive = False
-        if self.queue and self.queue[0].responded:
-            self.close()
+        if self.refusal is not None:
             return
-        for exchange in self.queue:
-            exchange.client_gone()
-        self.queue.clear()
-        body = Reply.error(status, message)
-        self.write(_head(status, body.headers.items(), len(body.body), self.server.date, close=True) + body.body)
         log.info(
             "gateway refused a request from %s: %d %s",
             self.peer,
@@ -710,17 +728,47 @@ class _ClientConn(asyncio.Protocol):
             message,
             extra={"client": self.peer, "status": status},
         )
+        if exchange is None and self.queue and not self.queue[-1].request_done:
+            exchange = self.queue[-1]  # the request whose body was being read when it broke
+        if exchange is not None and exchange in self.queue:
+            self.queue.remove(exchange)
+            exchange.client_gone()
+            if exchange.responded:  # its answer had begun: it cannot be finished, nor followed by another
+                self.close()
+                return
+        self.refusal = (status, message)
+        if self.queue and not self.closed:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._write_refusal()
+
+    def _write_refusal(self) -> None:
+        if self.refusal is not None and not self.closed:
+            status, message = self.refusal
+            body = Reply.error(status, message)
+            self.write(_head(status, body.headers.items(), len(body.body), self.server.date, close=True) + body.body)
         self.close()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.uncork()
             self.closed = True
+            self.closed_since = self.server.now
+            self.unsent = self.transport.get_write_buffer_size()
             self.transport.close()
 
     def expired(self, now: float, limits: Limits) -> bool:
-        if self.write_paused and now - self.write_paused_since > limits.send_timeout:
-            return True  # a client that stopped reading what it asked for (slow read)
+        if self.write_paused or self.closed:
+            # writing a response it does not read (slow read), or closed with its last bytes still to leave: judged
+            # by send_timeout alone, and any progress (the buffer went down since the last look) restarts the clock
+            unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            if unsent < self.unsent:
+                self.unsent = unsent
+                self.write_paused_since = self.closed_since = now
+                return False
+            since = self.write_paused_since if self.write_paused else self.closed_since
+            return now - since > limits.send_timeout
         if self.head_started:
             return now - self.head_started > limits.header_timeout
         if self.fresh:  # connected and sent nothing yet: it gets the header timeout, not keep-alive's
@@ -1091,7 +1139,7 @@ class _Exchange:
         route = self.route
         limit = self.client.server.limits.max_body if route is None or route.max_body is None else route.max_body
         if self.body_size > limit:
-            self.client.refuse(413, f"the request body is larger than {limit} bytes")
+            self.client.refuse(413, f"the request body is larger than {limit} bytes", self)
             self.abandon_upstream()
             return
         if self.streaming and self.up is not None:
@@ -1407,7 +1455,8 @@ class _Exchange:
                 lines.append(b"transfer-encoding: chunked\r\n")
         elif length >= 0:
             lines.append(b"content-length: %d\r\n" % length)
-        if not self.keep_alive or client.server._closing or (not client.keep_alive and len(client.queue) <= 1):
+        last = not client.keep_alive and len(client.queue) <= 1 and client.refusal is None  # (a refusal follows)
+        if not self.keep_alive or client.server._closing or last:
             lines.append(b"connection: close\r\n")
         if not dated:
             lines.append(b"date: " + client.server.date + b"\r\n")
@@ -1534,8 +1583,9 @@ class _Exchange:
             resp.headers = failed.headers
             out = failed.body
         self.status = resp.status
-        # a body we did not read leaves the stream without framing we trust: close after this answer
-        reusable = self.request_done
+        # a body we did not read leaves the stream without framing we trust: close after this answer (a request
+        # without one is whole once its head is read)
+        reusable = self.request_done or not self.has_body
         if not reusable:
             self.client.keep_alive = self.keep_alive = False
         body = b"" if self.head_only else out
