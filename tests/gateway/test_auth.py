@@ -348,7 +348,8 @@ class DecodeCounter:
 def test_a_verified_token_is_remembered_until_it_expires(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     counter = DecodeCounter(monkeypatch)
     plugin = static(keys, leeway=5, scopes=["read"])
-    token = good_token(keys, claims={"exp": int(time.time()) + 100, "scope": "read"})
+    exp = int(time.time()) + 100
+    token = good_token(keys, claims={"exp": exp, "scope": "read"})
     for n in range(4):
         req = spoofed(f"Bearer {token}")
         assert_accepted(sync(plugin.request(req)), req)
@@ -361,10 +362,11 @@ def test_a_verified_token_is_remembered_until_it_expires(keys: Keys, monkeypatch
     assert sync(plugin.request(request(f"Bearer {tampered}"))) is not None
     assert counter.calls == 2
     # within exp + leeway (on the wall clock the plugin reads) the entry serves; past it, the token is verified again
-    plugin._wall = lambda: time.time() + 104
+    # (times from exp itself: "now + 104" raced the second that int() cut off exp on a slow machine)
+    plugin._wall = lambda: exp + 5 - 1.0
     assert_accepted(sync(plugin.request(req := request(f"Bearer {token}"))), req)
     assert counter.calls == 2
-    plugin._wall = lambda: time.time() + 106
+    plugin._wall = lambda: exp + 5 + 1.0
     assert_accepted(sync(plugin.request(req := request(f"Bearer {token}"))), req)  # PyJWT's clock: still valid
     assert counter.calls == 3
 

@@ -248,8 +248,10 @@ async def new_groups_see_old_messages(open_broker: OpenBroker) -> None:
         await broker.subscribe("conf.replay", from_offset, group="offset", options=replace(FAST, start=offset))
         await eventually(lambda: len(from_offset.seen) == 10, "messages from an offset")
         await broker.publish("conf.replay", {"n": 50})
-        await eventually(lambda: len(latest.seen) == 1, "only new messages for a 'latest' group")
-        assert latest.values() == [{"n": 50}]
+        # at least once: a rebalance between delivery and commit (a slow machine) may deliver it again, so the check
+        # is which messages came (old ones would arrive first), not how many times
+        await eventually(lambda: len(latest.seen) >= 1, "the new message for a 'latest' group")
+        assert {m.data["n"] for m in latest.seen} == {50}, f"a 'latest' group got {latest.values()}"
 
 
 async def dead_letters_after_n_deliveries(open_broker: OpenBroker) -> None:
