@@ -365,7 +365,6 @@ class _ClientConn(asyncio.Protocol):
 
     __slots__ = (
         "closed",
-        "closed_since",
         "corked",
         "fresh",
         "head_bytes",
@@ -381,12 +380,12 @@ class _ClientConn(asyncio.Protocol):
         "queue",
         "refusal",
         "server",
+        "stalled_since",
         "transport",
         "unsent",
         "upgrade",
         "url",
         "write_paused",
-        "write_paused_since",
     )
 
     def __init__(self, server: Server) -> None:
@@ -408,9 +407,10 @@ class _ClientConn(asyncio.Protocol):
         self.fresh = True
         self.paused = False
         self.write_paused = False
-        self.write_paused_since = 0.0
-        self.closed_since = 0.0
-        self.unsent = 0  # bytes waiting in the transport when writing paused or the connection closed
+        # writing paused, or the connection closed with bytes left to write: since when nothing left, and how much
+        # was waiting then (send_timeout; see expired())
+        self.stalled_since = 0.0
+        self.unsent = 0
         self.refusal: tuple[int, str] | None = None  # the answer to a request that could not be read, written last
         self.upgrade = _NO_UPGRADE  # what the last request's Upgrade header asked for (see upgraded())
 
@@ -432,8 +432,7 @@ class _ClientConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_since = self.server.now
-        self.unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._stalled()
         if self.queue:
             self.queue[0].pause_upstream(True)
 
@@ -714,10 +713,10 @@ class _ClientConn(asyncio.Protocol):
         if self.queue:
             self.queue[0].start()
 
-    def refuse(self, status: int, message: str, exchange: _Exchange | None = None) -> None:
-        """Answer a request the gateway cannot read (``exchange``: its exchange, when it has one), then close: the
-        rest of the stream has no framing it can trust, so nothing more is read. The requests read before it are
-        answered first, in order, and the refusal last (see :meth:`finished`)."""
+    def refuse(self, status: int, message: str) -> None:
+        """Answer a request the gateway cannot read, then close: the rest of the stream has no framing it can
+        trust, so nothing more is read. The requests read before it are answered first, in order, and the refusal
+        last (see :meth:`finished`); one whose body was being read when it broke is dropped."""
         self.keep_alive = False
         if self.refusal is not None:
             return
@@ -728,10 +727,8 @@ class _ClientConn(asyncio.Protocol):
             message,
             extra={"client": self.peer, "status": status},
         )
-        if exchange is None and self.queue and not self.queue[-1].request_done:
-            exchange = self.queue[-1]  # the request whose body was being read when it broke
-        if exchange is not None and exchange in self.queue:
-            self.queue.remove(exchange)
+        if self.queue and not self.queue[-1].request_done:
+            exchange = self.queue.pop()  # the request whose body was being read when it broke
             exchange.client_gone()
             if exchange.responded:  # its answer had begun: it cannot be finished, nor followed by another
                 self.close()
@@ -754,9 +751,12 @@ class _ClientConn(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.uncork()
             self.closed = True
-            self.closed_since = self.server.now
-            self.unsent = self.transport.get_write_buffer_size()
+            self._stalled()
             self.transport.close()
+
+    def _stalled(self) -> None:
+        self.stalled_since = self.server.now
+        self.unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def expired(self, now: float, limits: Limits) -> bool:
         if self.write_paused or self.closed:
@@ -764,11 +764,9 @@ class _ClientConn(asyncio.Protocol):
             # by send_timeout alone, and any progress (the buffer went down since the last look) restarts the clock
             unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
             if unsent < self.unsent:
-                self.unsent = unsent
-                self.write_paused_since = self.closed_since = now
+                self.unsent, self.stalled_since = unsent, now
                 return False
-            since = self.write_paused_since if self.write_paused else self.closed_since
-            return now - since > limits.send_timeout
+            return now - self.stalled_since > limits.send_timeout
         if self.head_started:
             return now - self.head_started > limits.header_timeout
         if self.fresh:  # connected and sent nothing yet: it gets the header timeout, not keep-alive's
@@ -1139,7 +1137,7 @@ class _Exchange:
         route = self.route
         limit = self.client.server.limits.max_body if route is None or route.max_body is None else route.max_body
         if self.body_size > limit:
-            self.client.refuse(413, f"the request body is larger than {limit} bytes", self)
+            self.client.refuse(413, f"the request body is larger than {limit} bytes")
             self.abandon_upstream()
             return
         if self.streaming and self.up is not None:
@@ -1529,17 +1527,18 @@ class _Exchange:
         self.up = None
         self._finish_upstream(101)
         self._done(101)
-        server = client.server
         client.queue.clear()
-        server.connections.discard(client)
-        client.closed = client.closed or client.transport is None
-        up.closed = True  # the connection belongs to the tunnel now: never back to the pool
-        if client.closed or client.transport is None or up.transport is None:
+        client.server.connections.discard(client)
+        gone = client.closed or client.transport is None
+        # both connections belong to the tunnel now: the client's is not read as HTTP any more, the upstream's never
+        # goes back to the pool
+        client.closed = up.closed = True
+        if gone or up.transport is None:
             if up.transport is not None:
                 up.transport.close()
             return
-        client.closed = True  # likewise: the client's connection is the tunnel's
-        _Tunnel(server, client.transport, up.transport, self.early)
+        assert client.transport is not None
+        _Tunnel(client.server, client.transport, up.transport, self.early)
         self.early = b""
 
     # -- endings ------------------------------------------------------------------------------------------------
