@@ -125,10 +125,12 @@ CORPUS: list[tuple[str, bytes, int]] = [
     ("overlong UTF-8 in the path", b"GET /%c0%ae%c0%ae/etc HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("unsupported Expect", b"GET / HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\n\r\n", 417),
     (
-        "WebSocket upgrade (not supported yet)",
+        "WebSocket upgrade on a route without websocket: true",
         b"GET / HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         501,
     ),
+    ("CONNECT with a path", b"CONNECT / HTTP/1.1\r\n" + H + b"\r\n", 501),
+    ("CONNECT to an authority", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
     ("oversize header block", b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 10_000 + b"\r\n\r\n", 431),
     (
         "many headers over the limit",

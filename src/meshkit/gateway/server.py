@@ -513,7 +513,7 @@ class _ClientConn(asyncio.Protocol):
         url = self.url
         self.url = b""
         raw_method = parser.get_method()
-        method = _METHODS.get(raw_method) or raw_method.decode()
+        method = _METHODS.get(raw_method) or _other_method(raw_method)
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive()
 
@@ -660,7 +660,7 @@ class _ClientConn(asyncio.Protocol):
         elif kind == _WEBSOCKET:
             if self.transport is not None:
                 self.transport.pause_reading()  # the handshake was answered (404...): the connection closes
-        else:
+        else:  # (not reached: CONNECT is refused with its head, and an Upgrade header sets self.upgrade)
             self.refuse(501, "this protocol upgrade is not supported")
 
     def on_body(self, body: bytes) -> None:
@@ -1787,6 +1787,14 @@ _CACHED_LINES = 1024
 _MAX_EARLY = 64 * 1024  # bytes kept from a client between its WebSocket handshake and the upstream's answer
 _LOW_64 = (1 << 64) - 1
 _LOW_BITS = (1 << 64) | 1  # the lowest bit of the trace id and of the span id
+
+
+def _other_method(raw: bytes) -> str:
+    """A method outside the common ones; CONNECT asks for a tunnel (llhttp stops reading after its head), which the
+    gateway does not open: it is refused before anything is forwarded."""
+    if raw == b"CONNECT":
+        raise BadRequest(501, "CONNECT (a tunnel through the gateway) is not supported")
+    return raw.decode()
 
 
 def _line_kind(line: bytes) -> int:
