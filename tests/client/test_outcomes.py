@@ -100,3 +100,15 @@ async def test_listeners_hear_of_instance_breakers_made_and_dropped() -> None:
             await registry.deregister("payments", "b")
             await eventually(lambda: not client.instance_breakers(), "b dropped too")
             assert heard[-1] == {"b"}, "stopped: not told any more"
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_of_many_instances_tells_the_listeners_once() -> None:
+    async with connect("memory://") as registry:
+        for n in range(6):
+            await registry.register(Instance(service="payments", id=f"i{n}", host="127.0.0.1", port=1000 + n))
+        async with ServiceClient("payments", registry, clock=FakeClock()) as client:
+            heard: list[set[str]] = []
+            client.on_instance_breaker(lambda: heard.append(set(client.instance_breakers())))
+            await client.start(timeout=5.0)
+            assert heard == [{f"i{n}" for n in range(6)}], "one notice for the whole snapshot, with every breaker"

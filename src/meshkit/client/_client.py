@@ -135,6 +135,7 @@ class ServiceClient:
 
         self._members: dict[str, _Member] = {}
         self._breakers_changed: list[Callable[[], None]] = []  # told when an instance breaker is made or dropped
+        self._breakers_moved = False  # a breaker was made or dropped since the listeners were last told
         self._outstanding: dict[str, int] = {}
         self._open: dict[str, float] = {}  # instance id -> clock time its open breaker may let a probe through
         self._rotation: tuple[Instance, ...] = ()
@@ -576,14 +577,22 @@ class ServiceClient:
             self._forget(iid)
         for instance in fresh.values():
             self._learn(instance)
-        self._dirty = True
+        self._view_changed()
 
     def _on_change(self, change: Change) -> None:
         if change.kind == "removed":
             self._forget(change.instance.id)
         else:
             self._learn(change.instance)
+        self._view_changed()
+
+    def _view_changed(self) -> None:
+        """After a snapshot or a change: the rotation is rebuilt on next use, and the listeners of instance
+        breakers hear once that breakers came or went (not once per instance of a snapshot)."""
         self._dirty = True
+        if self._breakers_moved:
+            self._breakers_moved = False
+            self._tell_breakers_changed()
 
     def _learn(self, instance: Instance) -> None:
         """An instance is added or changed."""
@@ -610,7 +619,7 @@ class ServiceClient:
             member.unsubscribe = breaker.events.subscribe(lambda event: self._on_breaker(member, event))
         self._members[instance.id] = member
         if breaker is not None:
-            self._tell_breakers_changed()
+            self._breakers_moved = True
         log.debug(
             "%s instance %s at %s is known",
             self.service,
@@ -627,7 +636,7 @@ class ServiceClient:
         if self.outlier is not None:
             self.outlier.forget(iid)
         if member is not None and member.breaker is not None:
-            self._tell_breakers_changed()
+            self._breakers_moved = True
 
     def _tell_breakers_changed(self) -> None:
         for told in list(self._breakers_changed):

@@ -167,14 +167,7 @@ class Gateway:
         config = self.loaded.config
         built = await self._build(self.loaded)
         self._built = built
-        limits = Limits(
-            max_header_bytes=config.limits.max_header_bytes,
-            header_timeout=config.limits.header_timeout,
-            keepalive_timeout=config.limits.keepalive_timeout,
-            max_body=config.limits.max_body,
-            websocket_idle_timeout=config.limits.websocket_idle_timeout,
-            send_timeout=config.limits.send_timeout,
-        )
+        limits = Limits(**config.limits.model_dump())  # every limit of the config is one of the server's
         trusted = _trusted(config.trusted_proxies)
         tls = _tls_context(config.listen.tls, self.loaded.folder) if config.listen.tls else None
         self.server = Server(
