@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,8 +24,9 @@ from cloudevents.core.v1.event import CloudEvent
 
 from meshkit.errors import ConfigurationError, Unavailable
 from meshkit.messaging import Message, Outgoing, connect
+from meshkit.messaging.base import StartFrom
 from meshkit.messaging.kafka import KafkaBackend, _stop_consumer, from_url
-from meshkit.messaging.testing import FAST, SCENARIOS, OpenBroker, Scenario, eventually, run_scenario
+from meshkit.messaging.testing import FAST, SCENARIOS, OpenBroker, Scenario, Sink, eventually, run_scenario
 from tests.messaging.kafka_server import S3Server, TansuServer, moto_available, tansu_binary
 from tests.servers import free_port
 
@@ -246,6 +248,43 @@ async def test_invalid_topic_names_are_refused(kafka_server: TansuServer, prefix
         with pytest.raises(ConfigurationError) as info:
             await broker.publish("orders/created", 1)
     assert "orders/created" in str(info.value)
+
+
+# -- where a new group starts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("start", ["latest", "offset", "time"])
+async def test_a_slow_offset_lookup_does_not_let_old_messages_through(
+    kafka_server: TansuServer, prefix: str, start: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a member asks where its group starts, aiokafka already resets the new partitions to the earliest
+    offset and fetches them. A group that starts later must not be handed what that fetch brings (a 'latest' group
+    got the 32 oldest messages on a slow CI run). The broker's answer is slowed down here, as on that run."""
+    real_committed = AIOKafkaConsumer.committed
+
+    async def slow_committed(self: AIOKafkaConsumer, tp: TopicPartition) -> Any:
+        await asyncio.sleep(0.2)  # a slow broker (not a wait for a condition): the fetcher runs meanwhile
+        return await real_committed(self, tp)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "committed", slow_committed)
+    async with connect(url_for(kafka_server, prefix)) as broker:
+        await broker.publish_batch("replay", [{"n": n} for n in range(50)])
+        first = Sink()  # an 'earliest' group, for the offsets of the old messages
+        await broker.subscribe("replay", first, group="first", options=FAST)
+        await eventually(lambda: len(first.seen) >= 50, "the old messages for an 'earliest' group")
+        at_45 = next(m.offset for m in first.seen if m.data["n"] == 45)
+        assert at_45 is not None, "Kafka messages carry their offset"
+        sink = Sink()
+        starts: dict[str, StartFrom] = {"latest": "latest", "offset": at_45, "time": datetime.now(UTC)}
+        await broker.subscribe("replay", sink, group="g", options=replace(FAST, start=starts[start]))
+        if start == "offset":
+            wanted = set(range(45, 50))  # Message.offset orders the whole topic: 45 and what follows it
+        else:
+            await broker.publish("replay", {"n": 50})
+            wanted = {50}
+        await eventually(lambda: {m.data["n"] for m in sink.seen} >= wanted, f"messages {sorted(wanted)}")
+        assert {m.data["n"] for m in sink.seen} == wanted, f"a group starting at {start} got {sink.values()}"
 
 
 # -- aiokafka quirks --------------------------------------------------------------------------------------------------

@@ -597,45 +597,67 @@ class _KafkaChannel(GroupChannel):
 
     async def on_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
-        for tp in assigned:
-            part = self._parts[tp.partition] = _Partition(tp)
-            try:
-                committed = await consumer.committed(tp)
-            except self._backend._errors.KafkaError:
-                committed = None
-            # meshkit never commits 0 (a commit follows a handled record), and Tansu 0.6 sometimes answers 0 for a
-            # group that never committed: both mean "no progress yet", so the group's start applies
-            if committed:
-                part.committed = committed
-                continue
-            await self._seek_start(part)
-        self._joined = True
-        self._settled.set()
+        tps = sorted(assigned, key=lambda tp: tp.partition)
+        # aiokafka resets a new partition to auto_offset_reset (the earliest offset) and fetches it while this
+        # callback awaits the broker: paused, nothing is fetched or handed out before the group's start is set
+        # (without it a slow answer let a 'latest' group be handed the oldest records)
+        consumer.pause(*tps)
+        try:
+            fresh: list[_Partition] = []
+            for tp in tps:
+                part = self._parts[tp.partition] = _Partition(tp)
+                try:
+                    committed = await consumer.committed(tp)
+                except self._backend._errors.KafkaError:
+                    committed = None
+                # meshkit never commits 0 (a commit follows a handled record), and Tansu 0.6 sometimes answers 0
+                # for a group that never committed: both mean "no progress yet", so the group's start applies
+                if committed:
+                    part.committed = committed
+                    consumer.seek(tp, committed)
+                else:
+                    fresh.append(part)
+            await self._seek_start(fresh)
+        finally:
+            # whatever happened: a partition paused until the next rebalance would stall the group. One whose
+            # start could not be set reads from auto_offset_reset, and for a 'latest' or time start the records
+            # stamped before it are still skipped (min_timestamp)
+            with contextlib.suppress(self._backend._errors.KafkaError):  # (revoked meanwhile: nothing to resume)
+                consumer.resume(*tps)
+            self._joined = True
+            self._settled.set()
 
-    async def _seek_start(self, part: _Partition) -> None:
-        consumer, tp, start = self._consumer, part.tp, self._start
-        if start == "earliest":
+    async def _seek_start(self, parts: list[_Partition]) -> None:
+        """Set where partitions without a committed offset start: the group's ``start``."""
+        consumer, start = self._consumer, self._start
+        if not parts or start == "earliest":
             return  # auto_offset_reset
         if isinstance(start, int) and not isinstance(start, bool):
             offset, partition = divmod(max(start, 0), self._width)
-            consumer.seek(tp, offset if tp.partition >= partition else offset + 1)
+            for part in parts:
+                consumer.seek(part.tp, offset if part.tp.partition >= partition else offset + 1)
             return
         assert self._start_ms is not None
-        part.min_timestamp = self._start_ms
+        for part in parts:  # first: records stamped before the start are skipped whatever the seeks below do
+            part.min_timestamp = self._start_ms
+        tps = [part.tp for part in parts]
         try:
             # the end first, then the time: a record published between the two is found by the time lookup, one
             # published after them sits at or after ``end``. (seek_to_end resolves lazily, at the next fetch: a
             # record published before that was skipped, and a "latest" group missed its first message.)
-            end = (await consumer.end_offsets([tp])).get(tp)
-            found = (await consumer.offsets_for_times({tp: self._start_ms})).get(tp)
+            ends = await consumer.end_offsets(tps)
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, self._start_ms))
         except self._backend._errors.KafkaError:
-            end, found = None, None
-        if found is not None:
-            consumer.seek(tp, found.offset)
-        elif end is not None:
-            consumer.seek(tp, end)
-        else:
-            await consumer.seek_to_end(tp)
+            ends, found = {}, {}
+        for part in parts:
+            tp = part.tp
+            at = found.get(tp)
+            if at is not None:
+                consumer.seek(tp, at.offset)
+            elif tp in ends:
+                consumer.seek(tp, ends[tp])
+            else:
+                await consumer.seek_to_end(tp)
 
     async def on_revoked(self, revoked: Any) -> None:
         mine = {tp.partition for tp in revoked} & set(self._parts)
