@@ -3,6 +3,7 @@ and the ejections are exactly those of telling the detector every outcome."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -112,3 +113,40 @@ async def test_a_snapshot_of_many_instances_tells_the_listeners_once() -> None:
             client.on_instance_breaker(lambda: heard.append(set(client.instance_breakers())))
             await client.start(timeout=5.0)
             assert heard == [{f"i{n}" for n in range(6)}], "one notice for the whole snapshot, with every breaker"
+
+
+@pytest.mark.anyio
+async def test_a_failing_breaker_listener_is_logged_and_the_others_still_hear(caplog: pytest.LogCaptureFixture) -> None:
+    async with connect("memory://") as registry:
+        await _register(registry)
+        async with ServiceClient("payments", registry, clock=FakeClock()) as client:
+            heard: list[set[str]] = []
+
+            def fails() -> None:
+                raise RuntimeError("a listener's bug")
+
+            client.on_instance_breaker(fails)
+            client.on_instance_breaker(lambda: heard.append(set(client.instance_breakers())))
+            with caplog.at_level(logging.ERROR, logger="meshkit.client"):
+                await client.start(timeout=5.0)
+            assert heard == [{"a"}], "the second listener heard despite the first"
+            assert "a listener of payments's instance breakers failed" in caplog.text
+            assert [i.id for i in client.rotation] == ["a"], "the client's view is whole"
+
+
+@pytest.mark.anyio
+async def test_stopping_one_of_two_subscriptions_of_a_function_keeps_the_other() -> None:
+    async with connect("memory://") as registry:
+        await _register(registry)
+        async with ServiceClient("payments", registry, clock=FakeClock()) as client:
+            heard: list[set[str]] = []
+
+            def told() -> None:
+                heard.append(set(client.instance_breakers()))
+
+            stop_first = client.on_instance_breaker(told)
+            client.on_instance_breaker(told)  # a second subscriber that happens to pass the same function
+            stop_first()
+            stop_first()  # a second call does nothing
+            await client.start(timeout=5.0)
+            assert heard == [{"a"}], "the second subscription is told of a's breaker, once"

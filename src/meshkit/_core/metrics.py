@@ -29,11 +29,18 @@ class Counter:
 
     def __init__(self, name: str, help: str, labels: Sequence[str]) -> None:
         self.name, self.help, self.labels = name, help, tuple(labels)
-        self.values: dict[Labels, float] = {}
+        self.values: dict[Labels, list[float]] = {}  # a one-item list per series: its total
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        values = self.values
-        values[labels] = values.get(labels, 0.0) + amount
+        self.series(labels)[0] += amount
+
+    def series(self, labels: Labels) -> list[float]:
+        """The total kept for ``labels`` (``[total]``), made on first use. A path that counts the same series over
+        and over keeps it and adds to ``series[0]``, skipping the look-up (as with :meth:`Histogram.series`)."""
+        total = self.values.get(labels)
+        if total is None:
+            total = self.values[labels] = [0.0]
+        return total
 
 
 class Histogram:
@@ -120,8 +127,8 @@ class MetricSet:
         for metric in self._metrics:
             if isinstance(metric, Counter):
                 family = core.CounterMetricFamily(metric.name, metric.help, labels=metric.labels)
-                for labels, value in sorted(metric.values.items()):
-                    family.add_metric(labels, value)
+                for labels, (total,) in sorted(metric.values.items()):
+                    family.add_metric(labels, total)
             elif isinstance(metric, Histogram):
                 family = core.HistogramMetricFamily(metric.name, metric.help, labels=metric.labels)
                 bounds = (*metric.buckets, math.inf)

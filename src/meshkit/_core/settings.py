@@ -56,6 +56,7 @@ __all__ = [
     "Settings",
     "TracingSettings",
     "load_settings",
+    "settings_file",
 ]
 
 ENV_PREFIX = "MESHKIT_"
@@ -578,6 +579,15 @@ def _problem(error: Any, layers: _Layers) -> tuple[Loc, str, str, str | None]:
     return loc, source, f"invalid value for {key} ({source}): {reason}; got {error.get('input')!r}", hint
 
 
+def settings_file(env: Mapping[str, str] | None = None) -> str | None:
+    """The settings file :func:`load_settings` reads when it is named none: ``$MESHKIT_CONFIG`` if set, else
+    ``./meshkit.toml`` if it exists, else None (``env`` defaults to ``os.environ``)."""
+    environ = os.environ if env is None else env
+    if environ.get("MESHKIT_CONFIG"):
+        return environ["MESHKIT_CONFIG"]
+    return DEFAULT_FILE if Path(DEFAULT_FILE).is_file() else None
+
+
 def load_settings(
     path: str | Path | None = None,
     *,
@@ -597,13 +607,7 @@ def load_settings(
     environ = os.environ if env is None else env
     layers = _Layers()
 
-    shown: str | None = None
-    if path is not None:
-        shown = str(path)
-    elif environ.get("MESHKIT_CONFIG"):
-        shown = environ["MESHKIT_CONFIG"]
-    elif Path(DEFAULT_FILE).is_file():
-        shown = DEFAULT_FILE
+    shown = str(path) if path is not None else settings_file(environ)
     if shown is not None:
         data, text = _read_file(Path(shown), shown)
         layers.add(data, _Origin("file", shown, _TomlLines(text)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -19,8 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meshkit._core.settings import load_settings
-from meshkit.dashboard.audit import AuditEntry, append_audit
+from meshkit._core.settings import load_settings, settings_file
+from meshkit.dashboard.audit import AuditEntry, append_audit, audit_file
 from meshkit.errors import ConfigurationError
 from meshkit.messaging import Broker, Message, connect
 
@@ -141,8 +140,8 @@ def _audit_file(given: Path | None) -> Path:
     ``meshkit run`` keeps it)."""
     if given is not None:
         return given
-    config = os.environ.get("MESHKIT_CONFIG")
-    return (Path(config).parent if config else Path()) / ".meshkit" / "audit.jsonl"
+    settings = settings_file()
+    return audit_file(Path(settings).parent if settings else Path())
 
 
 @app.command("replay")

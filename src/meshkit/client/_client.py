@@ -41,7 +41,7 @@ from meshkit.discovery import Change, Instance, Registry, Watch
 from meshkit.discovery.health import OutlierDetector
 from meshkit.errors import CircuitOpen, ConfigurationError, TimeoutExceeded, Unavailable
 from meshkit.resilience import Bound, BreakerState, BreakerTransition, Bulkhead, CircuitBreaker, Pipeline, Timeout
-from meshkit.resilience.events import Event
+from meshkit.resilience.events import Event, Listeners
 from meshkit.tracing import inject
 from meshkit.tracing.spans import span, status_code_error
 
@@ -134,7 +134,10 @@ class ServiceClient:
         self._timeouts: dict[float, Timeout] = {}
 
         self._members: dict[str, _Member] = {}
-        self._breakers_changed: list[Callable[[], None]] = []  # told when an instance breaker is made or dropped
+        # told when an instance breaker is made or dropped
+        self._breakers_changed: Listeners[[]] = Listeners(
+            what=f"a listener of {service}'s instance breakers", logger=log
+        )
         self._breakers_moved = False  # a breaker was made or dropped since the listeners were last told
         self._outstanding: dict[str, int] = {}
         self._open: dict[str, float] = {}  # instance id -> clock time its open breaker may let a probe through
@@ -304,8 +307,9 @@ class ServiceClient:
         idempotent: bool,
     ) -> Response:
         """The call in a client span; the request is built inside it, so it carries the span's traceparent."""
-        attributes = {"http.request.method": method.upper(), "url.path": path, "peer.service": self.service}
-        with span(self.tracer, f"{method.upper()} {self.service}", kind="client", attributes=attributes) as current:
+        upper = method.upper()
+        attributes = {"http.request.method": upper, "url.path": path, "peer.service": self.service}
+        with span(self.tracer, f"{upper} {self.service}", kind="client", attributes=attributes) as current:
             request = _build(method, path, params, headers, json, content)
             response = await self._call(request, budget, idempotent)
             current.set_attribute("http.response.status_code", response.status)
@@ -380,7 +384,7 @@ class ServiceClient:
         outlier = self.outlier
         if outlier is None or self._members.get(member.instance.id) is not member:
             return
-        failed = status is None or status >= 500  # what OutlierDetector.record counts as an error
+        failed = outlier.is_error(status)
         if not (failed or member.erred):
             return  # a success after successes: no error count to reset (the rotation learnt the id already)
         member.erred = failed
@@ -592,7 +596,7 @@ class ServiceClient:
         self._dirty = True
         if self._breakers_moved:
             self._breakers_moved = False
-            self._tell_breakers_changed()
+            self._breakers_changed.emit()
 
     def _learn(self, instance: Instance) -> None:
         """An instance is added or changed."""
@@ -637,13 +641,6 @@ class ServiceClient:
             self.outlier.forget(iid)
         if member is not None and member.breaker is not None:
             self._breakers_moved = True
-
-    def _tell_breakers_changed(self) -> None:
-        for told in list(self._breakers_changed):
-            try:
-                told()
-            except Exception:  # a listener's failure must not undo the client's view of its instances
-                log.exception("a listener of %s's instance breakers failed", self.service)
 
     def _on_breaker(self, member: _Member, event: Event) -> None:
         if not isinstance(event, BreakerTransition) or member.breaker is None:
@@ -727,7 +724,7 @@ class ServiceClient:
         else:
             self._outstanding.pop(iid, None)
         member = self._members.get(iid) if counted else None
-        if member is not None and (member.erred or status is None or status >= 500):
+        if member is not None and (member.erred or OutlierDetector.is_error(status)):
             self._outcome(member, status)  # (else a success after successes: nothing to tell, see _outcome)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -765,13 +762,7 @@ class ServiceClient:
     def on_instance_breaker(self, told: Callable[[], None]) -> Callable[[], None]:
         """Call ``told()`` each time :meth:`instance_breakers` changes: an instance's breaker made (before any
         call goes through it) or dropped (the instance left, or moved); returns the function that stops it."""
-        self._breakers_changed.append(told)
-
-        def stop() -> None:
-            with contextlib.suppress(ValueError):
-                self._breakers_changed.remove(told)
-
-        return stop
+        return self._breakers_changed.subscribe(told)
 
 
 _NOT_BUILT: Any = object()

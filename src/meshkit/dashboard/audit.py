@@ -34,9 +34,17 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: one process per file is the caller's affair
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AuditEntry", "append_audit", "read_audit"]
+__all__ = ["STATE_DIR", "AuditEntry", "append_audit", "audit_file", "read_audit"]
 
 log = logging.getLogger(__name__)
+
+STATE_DIR = ".meshkit"  # a system's own files, in the folder ``meshkit run`` is pointed at
+
+
+def audit_file(folder: Path) -> Path:
+    """The audit file of the system in ``folder`` (``meshkit run`` and ``meshkit dlq`` both write to it)."""
+    return folder / STATE_DIR / "audit.jsonl"
+
 
 _AUDIT_BLOCK = 64 * 1024  # bytes read at a time from the end of the audit file
 

@@ -259,9 +259,14 @@ class OutlierDetector:
         self._state: dict[str, _Outlier] = {}
         self._known: set[str] = set()
 
+    @staticmethod
+    def is_error(status: int | None) -> bool:
+        """Whether :meth:`record` counts an outcome as an error: a 5xx, or no answer (``None``)."""
+        return status is None or status >= 500
+
     def record(self, instance_id: str, status: int | None) -> bool:
         """Record one call: an HTTP ``status``, or None for a connect error. True if it ejected the instance."""
-        if status is None or status >= 500:
+        if self.is_error(status):
             return self.record_failure(instance_id)
         self.record_success(instance_id)
         return False

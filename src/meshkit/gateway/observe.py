@@ -52,10 +52,9 @@ class Metrics:
             "Upstream attempts that failed without an answer",
             ("route", "upstream", "kind"),
         )
-        # per (route, upstream, status): the labels of its requests counter and its route's duration series, kept
-        # so that a request builds no label tuple or string and looks up no histogram series
-        self._series: dict[tuple[str, str, int], tuple[tuple[str, str, str], list[float]]] = {}
-        self._request_counts = self._requests.values
+        # per (route, upstream, status): its requests counter's series and its route's duration series, kept so
+        # that a request builds no label tuple or string and looks up neither series
+        self._series: dict[tuple[str, str, int], tuple[list[float], list[float]]] = {}
         self.breaker_states: Callable[[], Iterable[tuple[str, int]]] = tuple
         self.set.gauge(
             "meshkit_gateway_breaker_state",
@@ -67,10 +66,9 @@ class Metrics:
     def request_done(self, route: str, upstream: str, status: int, elapsed: float) -> None:
         series = self._series.get((route, upstream, status))
         if series is None:  # the first request of its kind: its series made and kept for the next ones
-            labels = (route, upstream, str(status))
-            self._requests.inc(labels, 0.0)
-            series = self._series[route, upstream, status] = (labels, self._duration.series((route,)))
-        self._request_counts[series[0]] += 1.0
+            requests = self._requests.series((route, upstream, str(status)))
+            series = self._series[route, upstream, status] = (requests, self._duration.series((route,)))
+        series[0][0] += 1.0
         self._duration.add(series[1], elapsed)
 
     def upstream_error(self, route: str, upstream: str, kind: str) -> None:

@@ -744,7 +744,7 @@ class _ClientConn(asyncio.Protocol):
         if self.refusal is not None and not self.closed:
             status, message = self.refusal
             body = Reply.error(status, message)
-            self.write(_head(status, body.headers.items(), len(body.body), self.server.date, close=True) + body.body)
+            self.write(_refusal_head(status, body.headers.items(), len(body.body), self.server.date) + body.body)
         self.close()
 
     def close(self) -> None:
@@ -756,13 +756,17 @@ class _ClientConn(asyncio.Protocol):
 
     def _stalled(self) -> None:
         self.stalled_since = self.server.now
-        self.unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self.unsent = self._buffered()
+
+    def _buffered(self) -> int:
+        """Bytes written and not yet sent to the client."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def expired(self, now: float, limits: Limits) -> bool:
         if self.write_paused or self.closed:
             # writing a response it does not read (slow read), or closed with its last bytes still to leave: judged
             # by send_timeout alone, and any progress (the buffer went down since the last look) restarts the clock
-            unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            unsent = self._buffered()
             if unsent < self.unsent:
                 self.unsent, self.stalled_since = unsent, now
                 return False
@@ -914,18 +918,23 @@ def _all(headers: list[tuple[str, str]], name: str) -> list[str]:
     return [v for k, v in headers if k == name]
 
 
-def _head(status: int, headers: Sequence[tuple[str, str]], length: int | None, date: bytes, *, close: bool) -> bytes:
-    """A response head the gateway writes; ``length`` None: chunked."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
-    lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-    if length is None:
-        lines.append("transfer-encoding: chunked\r\n")
-    else:
-        lines.append(f"content-length: {length}\r\n")
-    if close:
-        lines.append("connection: close\r\n")
-    head = "".join(lines).encode("latin-1")
-    return head + b"date: " + date + b"\r\n\r\n"
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()
+
+
+def _header_lines(items: Sequence[tuple[str, str]]) -> list[bytes]:
+    return [f"{k}: {v}\r\n".encode("latin-1") for k, v in items]
+
+
+def _refusal_head(status: int, headers: Sequence[tuple[str, str]], length: int, date: bytes) -> bytes:
+    """The head of an answer that ends the connection (a request refused before any exchange was made)."""
+    lines = _header_lines(headers)
+    return b"%b%bcontent-length: %d\r\nconnection: close\r\ndate: %b\r\n\r\n" % (
+        _status_line(status),
+        b"".join(lines),
+        length,
+        date,
+    )
 
 
 class _Exchange:
@@ -1437,14 +1446,13 @@ class _Exchange:
 
     def _write_head(self, status: int, items: Sequence[tuple[str, str]], length: int | None) -> None:
         """Write a head the gateway holds as text (plugins' answers, buffered responses)."""
-        lines = [f"{k}: {v}\r\n".encode("latin-1") for k, v in items]
-        self._send_head(status, lines, length, any(k == "date" for k, _ in items))
+        self._send_head(status, _header_lines(items), length, any(k == "date" for k, _ in items))
 
     def _send_head(self, status: int, lines: list[bytes], length: int | None, dated: bool) -> None:
         """``lines``: the header lines; ``length``: a number, None (chunked; close-delimited to an HTTP/1.0
         client), or -1 (no framing header: the answer to HEAD, 204, 304)."""
         client = self.client
-        status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()
+        status_line = _status_line(status)
         if length is None:
             if self.req.http_version == "1.0":
                 client.keep_alive = self.keep_alive = False  # the end of the body is the end of the connection

@@ -88,17 +88,10 @@ class _CountWindow:
         return self._n, self._failed, self._slow
 
     def add_successes(self, count: int) -> None:
-        """Add ``count`` successes that were not slow to a full window (the lock-free path's, see the module)."""
-        ring, size = self._ring, self._size
-        head = self._head
-        for _ in range(min(count, size)):
-            old = ring[head]
-            if old:
-                ring[head] = 0
-                self._failed -= old & 1
-                self._slow -= old >> 1
-            head = head + 1 if head + 1 < size else 0
-        self._head = head  # (past ``size`` successes the ring is all zeros: where it starts no longer matters)
+        """Add ``count`` successes that were not slow (the lock-free path's, see the module). Past ``size`` of
+        them the window holds only successes, so at most ``size`` are recorded."""
+        for _ in range(min(count, self._size)):
+            self.record(0.0, False, False)  # a count window ignores the time
 
     def totals(self, now: float) -> tuple[int, int, int]:
         return self._n, self._failed, self._slow

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from threading import Lock
+from typing import Generic, ParamSpec
 
 __all__ = [
     "BreakerState",
@@ -21,12 +22,15 @@ __all__ = [
     "Events",
     "FallbackUsed",
     "Listener",
+    "Listeners",
     "RetryAttempt",
     "RetryGaveUp",
     "TimedOut",
 ]
 
 log = logging.getLogger("meshkit.resilience")
+
+P = ParamSpec("P")
 
 
 class BreakerState(StrEnum):
@@ -93,32 +97,60 @@ Event = RetryAttempt | RetryGaveUp | BreakerTransition | CallRejected | TimedOut
 Listener = Callable[[Event], None]
 
 
-class Events:
-    """A small, thread-safe listener registry."""
+class Listeners(Generic[P]):
+    """A small, thread-safe list of listeners: :meth:`emit` calls each with its arguments. A listener that raises
+    is logged (as ``what``) and the others are still called."""
 
-    __slots__ = ("_listeners", "_lock")
+    __slots__ = ("_listeners", "_lock", "_log", "_what")
 
-    def __init__(self, listeners: Iterable[Listener] = ()) -> None:
-        self._listeners: tuple[Listener, ...] = tuple(listeners)
+    def __init__(
+        self,
+        listeners: Iterable[Callable[P, None]] = (),
+        *,
+        what: str = "a listener",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._listeners: tuple[Callable[P, None], ...] = tuple(listeners)
         self._lock = Lock()
+        self._what = what
+        self._log = logger or log
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add ``listener``; returns a function that removes it again."""
+    def subscribe(self, listener: Callable[P, None]) -> Callable[[], None]:
+        """Add ``listener``; returns a function that removes this subscription (the listener stays subscribed
+        as often as it was subscribed otherwise). Calling it again does nothing."""
         with self._lock:
             self._listeners = (*self._listeners, listener)
+        done = False
 
         def unsubscribe() -> None:
+            nonlocal done
             with self._lock:
-                self._listeners = tuple(x for x in self._listeners if x is not listener)
+                if done:
+                    return
+                done = True
+                listeners = self._listeners
+                for at, x in enumerate(listeners):
+                    if x is listener:
+                        self._listeners = listeners[:at] + listeners[at + 1 :]
+                        return
 
         return unsubscribe
 
     def __bool__(self) -> bool:
         return bool(self._listeners)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, *args: P.args, **kwargs: P.kwargs) -> None:
         for listener in self._listeners:
             try:
-                listener(event)
+                listener(*args, **kwargs)
             except Exception:
-                log.exception("resilience event listener failed", extra={"event": type(event).__name__})
+                self._log.exception("%s failed", self._what, extra={"event": type(args[0]).__name__} if args else None)
+
+
+class Events(Listeners[[Event]]):
+    """The listeners of a policy's events."""
+
+    __slots__ = ()
+
+    def __init__(self, listeners: Iterable[Listener] = ()) -> None:
+        super().__init__(listeners, what="resilience event listener")

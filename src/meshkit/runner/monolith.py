@@ -73,7 +73,7 @@ async def run_monolith(
                         services=lambda: infos,
                         resilience=resilience,
                         logs=logs,
-                        audit_path=system.state_dir / "audit.jsonl",
+                        audit_path=system.audit_file,
                     ) as dashboard,
                 ):
                     if on_ready is not None:

@@ -237,7 +237,7 @@ class Supervisor:
                         services=self._service_infos(),
                         resilience=resilience,
                         logs=self.logs,
-                        audit_path=self.system.state_dir / "audit.jsonl",
+                        audit_path=self.system.audit_file,
                     ) as dashboard,
                 ):
                     if on_ready is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from meshkit._core.settings import DEFAULT_FILE, ServiceEntry, Settings, load_settings
+from meshkit.dashboard.audit import STATE_DIR, audit_file
 from meshkit.errors import ConfigurationError
 from meshkit.runtime import Service
 
@@ -43,7 +44,11 @@ class System:
 
     @property
     def state_dir(self) -> Path:
-        return self.folder / ".meshkit"
+        return self.folder / STATE_DIR
+
+    @property
+    def audit_file(self) -> Path:
+        return audit_file(self.folder)
 
     def data_dir(self, service: str) -> Path:
         return self.state_dir / "data" / service

@@ -456,13 +456,7 @@ class Service:
             await self._dispatch(scope, receive, send, None)
             return
         started = time.perf_counter()
-        status = [500]
-
-        async def send_status(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = int(message["status"])
-            await send(message)
-
+        status, send_status = _status_recorder(send)
         try:
             await self._dispatch(scope, receive, send_status, status)
         finally:
@@ -500,28 +494,30 @@ async def _traced_request(
     method = scope.get("method", "GET")
     attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
     if status is None:  # nothing records the status yet (no metrics): record it here
-        status = [500]
-        recorded = status
-
-        async def send_status(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                recorded[0] = int(message["status"])
-            await send(message)
-
-        send = send_status
-
+        status, send = _status_recorder(send)
     with server_span(tracer, method, carrier, attributes) as current:
         try:
             await app(scope, receive, send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None)
+            template = getattr(scope.get("route"), "path", None)
             if template:
                 current.update_name(f"{method} {template}")
                 current.set_attribute("http.route", template)
             current.set_attribute("http.response.status_code", status[0])
             if status[0] >= 500:
                 current.set_status(status_code_error(), f"HTTP {status[0]}")
+
+
+def _status_recorder(send: Send) -> tuple[list[int], Send]:
+    """``send`` wrapped to record the response's status in the list returned with it (500 until it is sent)."""
+    status = [500]
+
+    async def send_status(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = int(message["status"])
+        await send(message)
+
+    return status, send_status
 
 
 def _traced_handler(tracer: Any, sub: _Subscription) -> MessageHandler:
