@@ -54,7 +54,7 @@ bench-brokers: venv
 	scripts/ensure-services.sh
 	$(BIN)/python benchmarks/messaging.py --broker redis,nats,rabbitmq,kafka
 
-# the release wheel: the gateway engine compiled with mypyc (needs a C compiler), for this platform and Python
+# the release wheel: the gateway engine and the span recorder (and the W3C traceparent parser it calls) compiled with mypyc (needs a C compiler), for this platform and Python
 dist: venv
 	scripts/build-native.sh .native/site
 	mkdir -p dist && cp .native/site-wheel/*.whl dist/

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from _native import native_env
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -175,19 +177,6 @@ def start_gateway(
     )
 
 
-def native_build() -> dict[str, str] | None:
-    """The environment that runs the mypyc-compiled engine (``scripts/build-native.sh``), or None when it cannot
-    be built here (no C compiler)."""
-    site = ROOT / ".native" / "site"
-    done = subprocess.run([str(ROOT / "scripts" / "build-native.sh"), str(site)], check=False)
-    if done.returncode == 3:
-        print("the compiled engine cannot be built here: measuring the Python engine only", file=sys.stderr)
-        return None
-    if done.returncode != 0:
-        sys.exit("error: scripts/build-native.sh failed (see above); --no-native measures the Python engine only")
-    return {"PYTHONPATH": str(site)}
-
-
 def median_result(results: Sequence[Result]) -> Result:
     """The run with the median rate (its own latencies with it)."""
     ordered = sorted(results, key=lambda r: r.rps)
@@ -242,8 +231,10 @@ def main() -> None:
             sys.exit(f"error: {tool} is not installed\nhint: scripts/install-bench-tools.sh")
     engines: dict[str, dict[str, str] | None] = {"Python engine": None}
     if args.native:
-        native = native_build()
-        if native is not None:
+        native = native_env()
+        if native is None:
+            print("the compiled engine cannot be built here: measuring the Python engine only", file=sys.stderr)
+        else:
             engines["compiled engine"] = native
     folder = Path(tempfile.mkdtemp(prefix="meshkit-gw-bench-"))
     d, c = args.duration, args.connections

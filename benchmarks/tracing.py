@@ -1,7 +1,11 @@
 """What tracing costs: an in-process service call and a message round trip, untraced, traced by meshkit, and with
 the same spans made by hand with the bare OpenTelemetry SDK (the floor: what any instrumentation must pay).
 
-    .venv/bin/python benchmarks/tracing.py [--calls 3000] [--messages 3000] [--rounds 5]
+    .venv/bin/python benchmarks/tracing.py [--calls 3000] [--messages 3000] [--rounds 5] [--native]
+
+``--native`` also measures the span recorder compiled with mypyc (``scripts/build-native.sh``: the wheel a release
+builds; needs a C compiler): each round runs once as the Python source and once compiled, alternately, each in a
+process of its own.
 
 Spans go through the SDK's BatchSpanProcessor to an exporter that drops them (export cost is off the request path
 either way; the collector's ingest rate is benchmarks/tracing_collector.py). Target: tracing adds <= 10 % to an
@@ -12,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from _native import native_env
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,6 +38,8 @@ from meshkit.client import AsgiTransport, ServiceClient
 from meshkit.messaging import Message
 from meshkit.runtime import RunContext
 from meshkit.tracing.spans import provider
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Drop(SpanExporter):
@@ -114,17 +125,57 @@ async def scenario(mode: str, calls: int, messages: int, folder: Path) -> tuple[
     return per_call, per_message
 
 
+Results = dict[str, list[tuple[float, float]]]
+
+
+def measure(rounds: int, calls: int, messages: int) -> Results:
+    """``rounds`` results of every mode, in this process."""
+    results: Results = {"none": [], "meshkit": [], "sdk": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(rounds):
+            for mode, runs in results.items():  # interleaved, so drift hits every mode alike
+                runs.append(asyncio.run(scenario(mode, calls, messages, Path(folder))))
+    return results
+
+
+def one_round(calls: int, messages: int, pythonpath: str | None) -> Results:
+    """One round in a process of its own (``pythonpath``: the compiled build's folder, or None for the source)."""
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    command = [sys.executable, __file__, "--rounds", "1", "--calls", str(calls), "--messages", str(messages)]
+    done = subprocess.run([*command, "--json"], check=True, capture_output=True, text=True, env=env)
+    loaded: Results = json.loads(done.stdout)
+    return loaded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--native", action="store_true", help="also measure the recorder compiled with mypyc")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a --native round's child
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"none": [], "meshkit": [], "sdk": []}
-    with tempfile.TemporaryDirectory() as folder:
-        for _ in range(args.rounds):
-            for mode, runs in results.items():  # interleaved, so drift hits every mode alike
-                runs.append(asyncio.run(scenario(mode, args.calls, args.messages, Path(folder))))
+    if args.json:
+        print(json.dumps(measure(args.rounds, args.calls, args.messages)))
+        return
+    if not args.native:
+        report(measure(args.rounds, args.calls, args.messages), args)
+        return
+    native = native_env()
+    if native is None:
+        sys.exit("error: the compiled recorder cannot be built here (see above)")
+    site = native["PYTHONPATH"]
+    builds: dict[str, Results] = {"Python source": {}, "compiled (mypyc)": {}}
+    for _ in range(args.rounds):
+        for results, path in zip(builds.values(), (None, site), strict=True):  # alternately
+            for mode, runs in one_round(args.calls, args.messages, path).items():
+                results.setdefault(mode, []).extend((call, message) for call, message in runs)
+    for build, results in builds.items():
+        print(f"-- {build}")
+        report(results, args)
+
+
+def report(results: Results, args: argparse.Namespace) -> None:
     base_call = statistics.median(r[0] for r in results["none"])
     base_msg = statistics.median(r[1] for r in results["none"])
     print(f"{'mode':<34}{'call us':>10}{'added':>9}{'msg us':>10}{'added':>9}")

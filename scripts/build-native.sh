@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build meshkit's wheel with the gateway's forwarding engine compiled by mypyc (the modules listed under
+# Build meshkit's wheel with the modules a release compiles with mypyc (those listed under
 # [tool.hatch.build.targets.wheel.hooks.mypyc] in pyproject.toml) and unpack it into DIR (default .native/site,
 # relative to the repository's root), so that `PYTHONPATH=DIR` runs the compiled build. The wheel is left in
 # DIR-wheel/.
@@ -26,12 +26,12 @@ PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute: the build ru
 # the compiler the build will use: $CC, else the one Python was built with
 COMPILER="${CC:-$("$PY" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')}"
 if ! command -v "${COMPILER%% *}" >/dev/null; then
-    echo "build-native: no C compiler ($COMPILER): the compiled gateway engine is not built" >&2
+    echo "build-native: no C compiler ($COMPILER): the compiled modules (gateway engine, span recorder) are not built" >&2
     exit 3
 fi
 INCLUDE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 if [ ! -f "$INCLUDE/Python.h" ]; then
-    echo "build-native: no Python headers in $INCLUDE: the compiled gateway engine is not built" >&2
+    echo "build-native: no Python headers in $INCLUDE: the compiled modules (gateway engine, span recorder) are not built" >&2
     exit 3
 fi
 STAMP="$DIR/.source-hash"
@@ -49,7 +49,7 @@ done
 rm -rf "$DIR" "$WHEELS"
 mkdir -p "$DIR" "$WHEELS"
 WHEELS="$(cd "$WHEELS" && pwd)"
-echo "build-native: compiling the gateway engine with mypyc (about half a minute)..." >&2
+echo "build-native: compiling the gateway engine and the span recorder with mypyc (about a minute)..." >&2
 # from a copy: the mypyc hook compiles in the tree it builds, and .so files left beside src/*.py would shadow the
 # source for everything that imports it from there (the editable install, the tests)
 TREE="$(mktemp -d)"

@@ -7,7 +7,7 @@ call makes two spans and the untraced call takes about 165 µs, so the SDK alone
 is 10 %. This recorder makes the same spans for a fraction of that:
 
 - :class:`Span` implements ``opentelemetry.trace.Span`` (so ``trace.get_current_span()``, propagators, links and
-  the log filter work on it unchanged) and *is* an SDK ``ReadableSpan``: ended spans go to the SDK's span
+  the log filter work on it unchanged) and reads as an SDK ``ReadableSpan``: ended spans go to the SDK's span
   processors and exporters as they are (``BatchSpanProcessor``, the OTLP exporters, ``InMemorySpanExporter``), no
   copy. Its ``SpanContext`` is built once, when something asks for it.
 - :class:`Tracer` decides sampling the way ``ParentBased(TraceIdRatioBased(ratio))`` does (same bound, same trace-id
@@ -25,6 +25,13 @@ is 10 %. This recorder makes the same spans for a fraction of that:
 - :class:`BatchProcessor` queues ended spans for a thread to export, as the SDK's ``BatchSpanProcessor`` does,
   with a deque append per span (the SDK's checks the process id, a system call, on every span).
 
+Release wheels compile this module with mypyc (``[tool.hatch.build.targets.wheel.hooks.mypyc]``): its classes are
+native classes, so none subclasses an OpenTelemetry class (a native class cannot). ``Span``, ``Tracer`` and
+``TracerProvider`` are registered as virtual subclasses of the API's ABCs (``isinstance`` holds); ``Span`` has
+every attribute and method of a ``ReadableSpan`` but is not one; ``BatchProcessor`` has ``SpanProcessor``'s
+methods. Keep the module compilable: no ``__dict__`` writes, attributes set in ``__init__``, no weak references
+to its objects (``benchmarks/tracing.py --native`` measures the compiled build).
+
 Attributes: values meshkit sets are primitives; a value a user sets that OpenTelemetry cannot carry (not a str,
 bool, int, float or a sequence of one of them) is dropped with a debug log, as the SDK drops it with a warning.
 There are no span limits (the SDK's default cap of 128 attributes and events per span is not applied).
@@ -33,6 +40,8 @@ There are no span limits (the SDK's default cap of 128 attributes and events per
 from __future__ import annotations
 
 import collections
+import contextvars
+import functools
 import logging
 import os
 import random
@@ -41,8 +50,8 @@ import time
 import traceback
 import weakref
 from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any, cast
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, cast
 
 from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
@@ -54,31 +63,41 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from meshkit.tracing.propagation import otel_runtime, parse_traceparent
+from meshkit.tracing._w3c import parse_traceparent
+from meshkit.tracing.propagation import otel_runtime
 
 __all__ = ["BatchProcessor", "Span", "Tracer", "TracerProvider"]
 
 log = logging.getLogger(__name__)
 
-_UNSET = Status(StatusCode.UNSET)
-_EMPTY_STATE = TraceState()
-_LOW_64 = (1 << 64) - 1
-_PRIMITIVES = (str, bool, int, float)
-_set_span_in_context = trace_api.set_span_in_context
-_attach = context_api.attach
-_detach = context_api.detach
-_time_ns = time.time_ns
-_bits = random.getrandbits
-# OpenTelemetry's current-Context variable (None: a runtime context other than the default, used through the API)
-# and the key of the current span in a Context; see meshkit.tracing.propagation.otel_runtime.
-_CONTEXT, _SPAN_KEY = otel_runtime()
+# (Final: compiled, a C static rather than a lookup in the module's namespace)
+_UNSET: Final = Status(StatusCode.UNSET)
+_EMPTY_STATE: Final = TraceState()
+_LOW_64: Final = (1 << 64) - 1
+_PRIMITIVES: Final = (str, bool, int, float)
+_set_span_in_context: Final = trace_api.set_span_in_context
+_attach: Final = context_api.attach
+_detach: Final = context_api.detach
+_time_ns: Final = time.time_ns
+_bits: Final = random.getrandbits
+# OpenTelemetry's current-Context variable (None: a runtime context other than the default, used through the API;
+# not Final: tests replace it) and the key of the current span in a Context; see
+# meshkit.tracing.propagation.otel_runtime.
+_CONTEXT, _SPAN_KEY_FOUND = otel_runtime()
+_SPAN_KEY: Final = _SPAN_KEY_FOUND
+# its methods, bound once (compiled, a call to a bound method skips looking its name up on every span); a variable
+# of our own stands in under another runtime context, where they are not called
+_VAR: Final = _CONTEXT if _CONTEXT is not None else contextvars.ContextVar[Any]("meshkit_unused")
+_var_get: Final = _VAR.get
+_var_set: Final = _VAR.set
+_var_reset: Final = _VAR.reset
 
 
 def _clean(value: Any) -> Any:
     """``value`` as an OpenTelemetry attribute value, or None when it cannot be one."""
     if isinstance(value, _PRIMITIVES):
         return value
-    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         items = tuple(value)
         kinds = {type(item) for item in items}
         if len(kinds) <= 1 and all(isinstance(item, _PRIMITIVES) for item in items):
@@ -86,51 +105,30 @@ def _clean(value: Any) -> Any:
     return None
 
 
-class _LazyContext:
-    """``span.context``: the span's ``SpanContext``, made on first access and then stored on the span, where later
-    reads find it as a plain attribute (``functools.cached_property`` does the same behind a lock on 3.11)."""
-
-    def __get__(self, span: Span | None, owner: type | None = None) -> SpanContext:
-        if span is None:
-            raise AttributeError("context")  # a span's, not the class's
-        made = span.__dict__["context"] = SpanContext(
-            span._trace_id,
-            span._span_id,
-            is_remote=False,
-            trace_flags=TraceFlags(span._flags),
-            trace_state=span._trace_state,
-        )
-        return made
-
-
 class RemoteParent:
     """The caller's span, named by a plain version-00 ``traceparent``: a parent for a server span, read straight
     from the header. Its ``SpanContext`` (remote) is built only when an exporter asks for the child's parent."""
 
-    __slots__ = ("__weakref__", "_built", "_flags", "_span_id", "_trace_id")
-
     def __init__(self, trace_id: int, span_id: int, flags: int) -> None:
-        self._trace_id, self._span_id, self._flags = trace_id, span_id, flags
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._flags = flags
         self._built: SpanContext | None = None
-
-    @classmethod
-    def parse(cls, traceparent: str) -> RemoteParent | None:
-        """The parent ``traceparent`` names, or None when it is not a plain, valid version-00 value (see
-        :func:`meshkit.tracing.propagation.parse_traceparent`)."""
-        ids = parse_traceparent(traceparent)
-        return cls(*ids) if ids is not None else None
 
     @property
     def context(self) -> SpanContext:
-        if self._built is None:
-            self._built = SpanContext(
+        built = self._built
+        if built is None:
+            built = self._built = SpanContext(
                 self._trace_id, self._span_id, is_remote=True, trace_flags=TraceFlags(self._flags)
             )
-        return self._built
+        return built
 
 
-class Span(trace_api.Span, ReadableSpan):
-    """A span being recorded, and once ended the ``ReadableSpan`` exporters receive. Made by :class:`Tracer`."""
+class Span:
+    """A span being recorded, and once ended what exporters receive: it reads as an SDK ``ReadableSpan`` (every
+    property and method of one; it is not a subclass, so that mypyc compiles it to a native class). Made by
+    :class:`Tracer`; registered as an ``opentelemetry.trace.Span``."""
 
     def __init__(
         self,
@@ -142,55 +140,49 @@ class Span(trace_api.Span, ReadableSpan):
         trace_state: TraceState,
         parent: SpanContext | Span | RemoteParent | None,
         attributes: dict[str, Any],
-        links: list[Link],
+        links: Sequence[Link],
         start_time: int,
         recording: bool,
         record_exception: bool,
         set_status_on_exception: bool,
     ) -> None:
-        # ReadableSpan's fields, set directly (its __init__ would build a Resource when given none); the fields
-        # every new span has the same value for are class attributes below, replaced when they change
         self._name = name
         self._kind = kind
         self._parent_ref = parent
         self._attributes = attributes
-        if links:
-            self._links = links
+        self._links: Sequence[Link] = links if links else ()
+        self._events: Sequence[Event] = ()  # a list of its own once the span has an event
         self._start_time = start_time
+        self._end_time: int | None = None
+        self._status: Status = _UNSET
         self._tracer = tracer
         self._trace_id = trace_id
-        self._span_id = _bits(64) or 1
+        self._span_id: int = _bits(64) or 1
         self._flags = flags
         self._trace_state = trace_state
         self._recording = recording
-        if not record_exception:
-            self._record_exception = False
-        if not set_status_on_exception:
-            self._set_status_on_exception = False
+        self._record_exception = record_exception
+        self._set_status_on_exception = set_status_on_exception
+        self._activate = False  # start_as_current_span's: the span becomes current in __enter__
+        self._end_on_exit = True
+        self._token: object = None
+        self._built: SpanContext | None = None  # the SpanContext, once something asked for it
 
-    _parent = None  # see the parent property: ours may be a span, resolved when asked
-    _events: Sequence[Event] = ()  # a list of its own once the span has an event
-    _links: Sequence[Link] = ()
-    _end_time: int | None = None
-    _status = _UNSET
-    _instrumentation_info = None
-    _record_exception = True
-    _set_status_on_exception = True
-    _activate = False  # start_as_current_span's: the span becomes current in __enter__
-    _end_on_exit = True
-    _token: object = None
+    # -- what exporters read (ReadableSpan's interface) --------------------------------------------------------
 
     @property
-    def _resource(self) -> Resource:  # type: ignore[override]  # ReadableSpan's resource reads it
-        return self._tracer.resource
-
-    @property
-    def _instrumentation_scope(self) -> InstrumentationScope:  # type: ignore[override]
-        return self._tracer.scope
-
-    # -- the span context, built on first use, then a plain attribute -----------------------------------------
-
-    context = _LazyContext()  # ReadableSpan's is a read-only property
+    def context(self) -> SpanContext:
+        """The span's ``SpanContext``, made on first access."""
+        built = self._built
+        if built is None:
+            built = self._built = SpanContext(
+                self._trace_id,
+                self._span_id,
+                is_remote=False,
+                trace_flags=TraceFlags(self._flags),
+                trace_state=self._trace_state,
+            )
+        return built
 
     def get_span_context(self) -> SpanContext:
         return self.context
@@ -201,25 +193,106 @@ class Span(trace_api.Span, ReadableSpan):
         parent = self._parent_ref
         return parent.context if isinstance(parent, Span | RemoteParent) else parent
 
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def kind(self) -> SpanKind:
+        return self._kind
+
+    @property
+    def start_time(self) -> int | None:
+        return self._start_time
+
+    @property
+    def end_time(self) -> int | None:
+        return self._end_time
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        return MappingProxyType(self._attributes)
+
+    @property
+    def events(self) -> Sequence[Event]:
+        return tuple(self._events)
+
+    @property
+    def links(self) -> Sequence[Link]:
+        return tuple(self._links)
+
+    @property
+    def resource(self) -> Resource:
+        return self._tracer.resource
+
+    @property
+    def instrumentation_scope(self) -> InstrumentationScope:
+        return self._tracer.scope
+
+    @property
+    def instrumentation_info(self) -> None:
+        """Deprecated in the SDK (``instrumentation_scope`` replaces it); None, as the SDK's spans have now."""
+        return None
+
+    @property
+    def dropped_attributes(self) -> int:
+        return 0  # no span limits: nothing is dropped
+
+    @property
+    def dropped_events(self) -> int:
+        return 0
+
+    @property
+    def dropped_links(self) -> int:
+        return 0
+
+    def to_json(self, indent: int | None = 4) -> str:
+        """The span as the SDK's ``ReadableSpan.to_json`` writes it (``ConsoleSpanExporter``'s format)."""
+        readable = ReadableSpan(
+            self._name,
+            self.context,
+            self.parent,
+            self._tracer.resource,
+            self._attributes,
+            self._events,
+            self._links,
+            self._kind,
+            None,
+            self._status,
+            self._start_time,
+            self._end_time,
+            self._tracer.scope,
+        )
+        return str(readable.to_json(indent))
+
     def w3c_headers(self, carrier: dict[str, str]) -> None:
         """Write this span's W3C ``traceparent`` (and ``tracestate``, if any) into ``carrier``, as the W3C
         propagator would, without building its ``SpanContext``."""
-        carrier["traceparent"] = "00-%032x-%016x-%02x" % (self._trace_id, self._span_id, self._flags)  # noqa: UP031 - faster
+        # ids as hex through to_bytes().hex(): compiled, about 40 % cheaper than one "%032x-%016x" format
+        flags = self._flags
+        carrier["traceparent"] = (
+            f"00-{self._trace_id.to_bytes(16, 'big').hex()}-{self._span_id.to_bytes(8, 'big').hex()}-"
+            f"{'01' if flags == 1 else flags.to_bytes(1, 'big').hex()}"
+        )
         state = self._trace_state
         if state is not _EMPTY_STATE and state:
             carrier["tracestate"] = state.to_header()
-
-    @property
-    def _context(self) -> SpanContext:  # type: ignore[override]  # what ReadableSpan.to_json reads
-        return self.context
 
     # -- opentelemetry.trace.Span ------------------------------------------------------------------------------
 
     def is_recording(self) -> bool:
         return self._recording and self._end_time is None
 
-    def set_attribute(self, key: str, value: Any) -> None:
-        if not self._recording:
+    def set_attribute(self, key: object, value: Any) -> None:
+        # (key: object, not str: compiled, a str annotation would raise TypeError, and the API must not raise)
+        if not self._recording or self._end_time is not None:  # an ended span is read-only, as in the SDK
+            return
+        if type(key) is not str:
+            log.debug("span attribute dropped: its key %r is not a str", key)
             return
         if type(value) not in _PRIMITIVES:
             cleaned = _clean(value)
@@ -227,25 +300,25 @@ class Span(trace_api.Span, ReadableSpan):
                 log.debug("span attribute %r dropped: %r is not a valid attribute value", key, type(value).__name__)
                 return
             value = cleaned
-        self._attributes[key] = value  # type: ignore[index]  # ours is a dict
+        self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         for key, value in attributes.items():
             self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
-        if self._recording:
+        if self._recording and self._end_time is None:
             self._events = [*self._events, Event(name, dict(attributes or {}), timestamp or _time_ns())]
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if self._recording and context.is_valid:
+        if self._recording and self._end_time is None and context.is_valid:
             self._links = [*self._links, Link(context, dict(attributes) if attributes else None)]
 
     def update_name(self, name: str) -> None:
         self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._status.status_code is StatusCode.OK:  # final, as in the SDK
+        if self._status.status_code is StatusCode.OK or self._end_time is not None:  # final, as in the SDK
             return
         if isinstance(status, Status):
             self._status = status
@@ -259,7 +332,7 @@ class Span(trace_api.Span, ReadableSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        if not self._recording:
+        if not self._recording or self._end_time is not None:
             return
         kind = type(exception)
         module = kind.__module__
@@ -286,11 +359,11 @@ class Span(trace_api.Span, ReadableSpan):
     def __enter__(self) -> Span:
         if self._activate:
             if _CONTEXT is not None:  # what context.attach(trace.set_span_in_context(self)) does
-                values = Context(_CONTEXT.get())
-                dict.__setitem__(values, _SPAN_KEY, self)  # Context refuses item assignment, as a frozen mapping
-                self._token = _CONTEXT.set(values)
+                # (a plain dict first: Context refuses item assignment, and dict's own __setitem__ called through
+                # the class costs more, compiled, than building the dict)
+                self._token = _var_set(Context({**_var_get(), _SPAN_KEY: self}))
             else:
-                self._token = _attach(_set_span_in_context(self))
+                self._token = _attach(_set_span_in_context(cast("Any", self)))
         return self
 
     def __exit__(
@@ -307,20 +380,23 @@ class Span(trace_api.Span, ReadableSpan):
             if token is not None:
                 self._token = None
                 if _CONTEXT is None:
-                    _detach(token)  # type: ignore[arg-type]
+                    _detach(cast("Any", token))
                 else:
                     try:
-                        _CONTEXT.reset(token)  # type: ignore[arg-type]
+                        _var_reset(cast("Any", token))
                     except (ValueError, RuntimeError):  # made in another context: logged, as context.detach does
                         log.exception("failed to detach the span %r from the current context", self._name)
             if self._end_on_exit:
                 self.end()
 
 
+trace_api.Span.register(Span)
+
+
 _SHUTDOWN_SECONDS = 30.0  # the SDK's batch processor waits as long
 
 
-class BatchProcessor(SpanProcessor):
+class BatchProcessor:
     """Sampled spans wait in a queue and a thread of the processor exports them, ``max_export_batch_size`` at a
     time: when that many are waiting, every ``schedule_delay_millis`` otherwise, and on :meth:`force_flush` and
     :meth:`shutdown`. The SDK's ``BatchSpanProcessor`` does the same; this one is cheaper per span, where it counts
@@ -345,38 +421,46 @@ class BatchProcessor(SpanProcessor):
         self._max_queue = max_queue_size
         self._max_batch = max_export_batch_size
         self._delay = schedule_delay_millis / 1000
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()
+        self._enqueue = self._queue.append  # bound once: compiled, a method call looks its name up each time
         self._dropped = 0
         self._stopping = False
         self._start()
         # A forked child inherits the queue but not the thread: it starts over (the parent exports what it held).
-        method = weakref.WeakMethod(self._start)
-        os.register_at_fork(after_in_child=lambda: (restart := method()) is not None and restart())
+        # The hook holds a weak reference (to a partial: compiled, the processor itself takes none), so that it
+        # keeps no processor alive; the partial lives as long as the processor.
+        self._restart = functools.partial(BatchProcessor._start, self)
+        os.register_at_fork(after_in_child=functools.partial(_restart_if_alive, weakref.ref(self._restart)))
 
     def _start(self) -> None:
         self._queue.clear()
+        # guards _flushes, _stopping and _dropped (a forked child gets a new lock: a parent's may be held)
         self._lock = threading.Lock()
-        self._drops = threading.Lock()  # guards _dropped (a forked child gets new locks: a parent's may be held)
         self._wake = threading.Event()
         self._flushes: list[threading.Event] = []
-        self._thread = threading.Thread(target=self._work, name="meshkit-span-export", daemon=True)
-        self._thread.start()
+        # (not "_thread": compiled, the name clashes with C's __thread keyword)
+        self._worker = threading.Thread(target=self._work, name="meshkit-span-export", daemon=True)
+        self._worker.start()
 
     def on_start(self, span: Any, parent_context: context_api.Context | None = None) -> None:
         return None
 
-    def on_end(self, span: ReadableSpan) -> None:
-        if type(span) is Span:
+    def _on_ending(self, span: Any) -> None:
+        """What the SDK's spans call on every processor as they end (``SpanProcessor``'s hook, a no-op here: this
+        processor works in an SDK ``TracerProvider`` too)."""
+
+    def on_end(self, span: Any) -> None:
+        if isinstance(span, Span):
             if not span._flags & 1:
                 return
         elif span.context is None or not span.context.trace_flags.sampled:
             return
         queue = self._queue
         if len(queue) >= self._max_queue or self._stopping:
-            with self._drops:  # (rare: a full queue) the export thread swaps the count under the same lock
+            with self._lock:  # (rare: a full queue) the export thread swaps the count under the same lock
                 self._dropped += 1
             return
-        queue.append(span)
+        self._enqueue(span)
         if len(queue) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
@@ -397,8 +481,8 @@ class BatchProcessor(SpanProcessor):
                 return
             self._stopping = True
         self._wake.set()
-        self._thread.join(_SHUTDOWN_SECONDS)
-        if not self._thread.is_alive():
+        self._worker.join(_SHUTDOWN_SECONDS)
+        if not self._worker.is_alive():
             self._export_queued()  # a span that ended while the thread finished (on_end saw it running)
         else:  # an exporter stuck on an unreachable endpoint: the daemon thread is left
             log.warning("span export still running %.0f s into shutdown; spans left are dropped", _SHUTDOWN_SECONDS)
@@ -423,33 +507,41 @@ class BatchProcessor(SpanProcessor):
         """Export the spans queued now (not those that arrive meanwhile: under a load the exporter cannot keep up
         with, the loop still comes round to flushes and to saying how many spans were dropped)."""
         queue = self._queue
+        take = queue.popleft  # bound once (see _enqueue)
         left = len(queue)
         while left > 0:
-            batch = [queue.popleft() for _ in range(min(left, self._max_batch))]
+            batch = [take() for _ in range(min(left, self._max_batch))]
             left -= len(batch)
             try:
                 self._exporter.export(batch)
             except Exception:
                 log.exception("exporting %d spans failed", len(batch))
-        with self._drops:
+        with self._lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:
             log.warning("%d spans dropped: the export queue was full (%d spans)", dropped, self._max_queue)
 
 
+def _restart_if_alive(restart: weakref.ref[functools.partial[None]]) -> None:
+    """After a fork, in the child: start a processor's thread again, unless the processor is gone."""
+    made = restart()
+    if made is not None:
+        made()
+
+
 # processors' on_start methods known to do nothing: spans do not call them
-_NO_START = (SpanProcessor.on_start, BatchProcessor.on_start)
+_NO_START: Final = (SpanProcessor.on_start, BatchProcessor.on_start)
 
 
-class Tracer(trace_api.Tracer):
+class Tracer:
     """Makes :class:`Span` objects for one instrumentation scope of a :class:`TracerProvider`."""
 
     def __init__(self, provider: TracerProvider, scope: InstrumentationScope) -> None:
         self.resource = provider.resource
         self.scope = scope
-        self.processors = provider.processors  # the provider's lists: processors added later are seen
-        self.starters = provider.starters
-        self._bound = provider.bound
+        self.processors: list[Any] = provider.processors  # the provider's lists: processors added later are seen
+        self.starters: list[Any] = provider.starters
+        self._bound: int | None = provider.bound
 
     def start_span(
         self,
@@ -462,17 +554,25 @@ class Tracer(trace_api.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> Span:
+        current: Any
         if context is not None:
             current = context.get(_SPAN_KEY)
         else:
-            current = (_CONTEXT.get() if _CONTEXT is not None else context_api.get_current()).get(_SPAN_KEY)
+            values = _var_get() if _CONTEXT is not None else context_api.get_current()
+            # not values.get(): compiled, that looks the method up by name on every span
+            current = values[_SPAN_KEY] if _SPAN_KEY in values else None  # noqa: SIM401
         parent: SpanContext | Span | RemoteParent | None
-        if type(current) is Span:  # a parent in this process: no SpanContext to build
+        trace_id: int
+        flags: int
+        state: TraceState
+        if isinstance(current, Span):  # a parent in this process: no SpanContext to build
             trace_id, flags, state = current._trace_id, current._flags, current._trace_state
             recording = bool(flags & 1)
             parent = current
         else:
-            context_of = current.get_span_context() if isinstance(current, trace_api.Span) else None
+            context_of: SpanContext | None = (  # (None first: isinstance against the ABC is the slow part)
+                current.get_span_context() if current is not None and isinstance(current, trace_api.Span) else None
+            )
             if context_of is not None and context_of.is_valid:
                 trace_id, flags, state = context_of.trace_id, context_of.trace_flags, context_of.trace_state
                 recording = bool(flags & 1)  # parent-based: the trace's first span decided
@@ -491,7 +591,7 @@ class Tracer(trace_api.Tracer):
             state,
             parent,
             dict(attributes) if attributes else {},
-            [link for link in links if link.context.is_valid] if links else [],
+            [link for link in links if link.context.is_valid] if links else (),
             start_time or _time_ns(),
             recording,
             record_exception,
@@ -507,22 +607,28 @@ class Tracer(trace_api.Tracer):
             processor.on_start(cast("Any", span), context)
 
     def start_child_of_remote(
-        self, parent: RemoteParent, name: str, kind: SpanKind, attributes: Mapping[str, Any] | None
-    ) -> Span:
-        """``start_as_current_span(name, kind=kind, attributes=attributes)`` under the caller's span ``parent``
-        (what a server span of a request carrying only a ``traceparent`` needs: no context to extract first)."""
-        flags = parent._flags
+        self, traceparent: str, name: str, kind: SpanKind, attributes: Mapping[str, Any] | None
+    ) -> Span | None:
+        """``start_as_current_span(name, kind=kind, attributes=attributes)`` under the caller's span, which the
+        ``traceparent`` header names (what a server span of a request carrying only a ``traceparent`` needs: no
+        context to extract first); None when it is not a plain, valid version-00 value (see
+        :func:`meshkit.tracing._w3c.parse_traceparent`: the W3C propagator then decides what it means)."""
+        ids = parse_traceparent(traceparent)
+        if ids is None:
+            return None
+        trace_id, span_id, flags = ids
+        parent = RemoteParent(trace_id, span_id, flags)
         attributes = dict(attributes) if attributes else {}
-        trace_id, recording = parent._trace_id, bool(flags & 1)
+        recording = bool(flags & 1)
         span = Span(
-            self, name, kind, trace_id, flags, _EMPTY_STATE, parent, attributes, [], _time_ns(), recording, True, True
+            self, name, kind, trace_id, flags, _EMPTY_STATE, parent, attributes, (), _time_ns(), recording, True, True
         )  # fmt: skip
         span._activate = True
         if recording and self.starters:
             self._started(span, None)
         return span
 
-    def start_as_current_span(  # type: ignore[override]  # a context manager object, not a generator
+    def start_as_current_span(  # a context manager object, not a generator
         self,
         name: str,
         context: context_api.Context | None = None,
@@ -542,16 +648,19 @@ class Tracer(trace_api.Tracer):
         return span
 
 
-class TracerProvider(trace_api.TracerProvider):
+trace_api.Tracer.register(Tracer)
+
+
+class TracerProvider:
     """Tracers for one service (``resource``), sampling a ``ratio`` of traces by trace id (parent-based), or
     recording every span (``ratio=None``: a processor chooses what to keep). Spans go to the processors added
     with :meth:`add_span_processor`; :meth:`shutdown` flushes and stops them."""
 
     def __init__(self, resource: Resource, *, ratio: float | None = None) -> None:
         self.resource = resource
-        self.processors: list[SpanProcessor] = []
-        self.starters: list[SpanProcessor] = []  # those of processors whose on_start does something
-        self.bound = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(ratio)
+        self.processors: list[Any] = []  # SpanProcessor's interface (BatchProcessor has it, not as a subclass)
+        self.starters: list[Any] = []  # those of processors whose on_start does something
+        self.bound: int | None = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(ratio)
 
     def get_tracer(
         self,
@@ -565,7 +674,7 @@ class TracerProvider(trace_api.TracerProvider):
         )
         return Tracer(self, scope)
 
-    def add_span_processor(self, processor: SpanProcessor) -> None:
+    def add_span_processor(self, processor: Any) -> None:
         self.processors.append(processor)
         if getattr(type(processor), "on_start", None) not in _NO_START:
             self.starters.append(processor)
@@ -577,3 +686,6 @@ class TracerProvider(trace_api.TracerProvider):
         processors, self.processors[:], self.starters[:] = list(self.processors), [], []
         for processor in processors:
             processor.shutdown()
+
+
+trace_api.TracerProvider.register(TracerProvider)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
-import re
 from collections.abc import Mapping, MutableMapping
 from types import ModuleType, TracebackType
 from typing import Any
+
+from meshkit.tracing._w3c import parse_traceparent
 
 __all__ = ["TRACE_HEADERS", "current_headers", "default_propagation", "extracted", "inject"]
 
@@ -43,6 +44,8 @@ class _Otel:
         # Under the default runtime context, the current Context is the value of one ContextVar: reading and
         # setting it directly is what opentelemetry.context's get_current/attach/detach do, in one call instead of
         # three layers. Under any other runtime context (OTEL_PYTHON_CONTEXT) this is None and the API is used.
+        self._textmap: Any = None
+        self._default = False
         runtime = getattr(self.context, "_RUNTIME_CONTEXT", None)
         default = importlib.import_module("opentelemetry.context.contextvars_context").ContextVarsRuntimeContext
         var = getattr(runtime, "_current_context", None)
@@ -52,10 +55,12 @@ class _Otel:
 
     def default_propagation(self) -> bool:
         """Whether the global propagator is OpenTelemetry's default (W3C trace context and baggage)."""
-        return _is_default(self.propagate.get_global_textmap())
+        textmap = self.propagate.get_global_textmap()
+        if textmap is not self._textmap:  # (asked on every traced call: the answer is kept per propagator)
+            self._textmap, self._default = textmap, _is_default(textmap)
+        return self._default
 
 
-@functools.lru_cache(maxsize=8)
 def _is_default(textmap: Any) -> bool:
     return set(textmap.fields) == set(TRACE_HEADERS)
 
@@ -108,18 +113,6 @@ def inject(headers: MutableMapping[str, str]) -> None:
     win)."""
     for key, value in current_headers().items():
         headers.setdefault(key, value)
-
-
-_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # groups would cost more than slices
-
-
-def parse_traceparent(value: str) -> tuple[int, int, int] | None:
-    """``(trace_id, span_id, flags)`` of a plain, valid version-00 ``traceparent``; None for anything else (the W3C
-    propagator then decides what it means: future versions, whitespace, invalid ids)."""
-    if _TRACEPARENT.fullmatch(value) is None:
-        return None
-    trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
-    return (trace_id, span_id, int(value[53:], 16)) if trace_id and span_id else None
 
 
 def otel_runtime() -> tuple[contextvars.ContextVar[Any] | None, str]:

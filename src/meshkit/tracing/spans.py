@@ -73,8 +73,9 @@ def span(
     An exception leaving the block is recorded on the span and sets its status to error."""
     if tracer is None:
         return _NO_SPAN
+    # positional, in the order of OpenTelemetry's Tracer.start_as_current_span (cheaper than keywords)
     result: contextlib.AbstractContextManager[Any] = tracer.start_as_current_span(
-        name, context=context, kind=span_kind(kind), attributes=attributes, links=links or None
+        name, context, span_kind(kind), attributes, links or None
     )
     return result
 
@@ -88,12 +89,14 @@ def server_span(
     anything else is extracted into the current context first (:func:`meshkit.tracing.extracted`)."""
     if tracer is None:
         return _NO_SPAN
-    if len(carried) == 1 and "traceparent" in carried:
+    if len(carried) == 1:
+        traceparent = carried.get("traceparent")
         start = getattr(tracer, "start_child_of_remote", None)  # a meshkit recorder's tracer
-        if start is not None:
-            parent = _recorder().RemoteParent.parse(carried["traceparent"])
-            if parent is not None and _default_propagation():
-                child: contextlib.AbstractContextManager[Any] = start(parent, name, span_kind("server"), attributes)
+        if traceparent is not None and start is not None and _default_propagation():
+            child: contextlib.AbstractContextManager[Any] | None = start(
+                traceparent, name, span_kind("server"), attributes
+            )
+            if child is not None:
                 return child
     return _Extracted(carried, functools.partial(span, tracer, name, kind="server", attributes=attributes))
 
