@@ -168,6 +168,8 @@ def test_thread_pool_bulkhead_bounds_threads_and_queue_and_closes() -> None:
         wait_until(lambda: sum(f.done() for f in futures) == 5, "five rejections")
         m = pool.metrics()
         assert (m.in_flight, m.waiting, m.rejected) == (2, 3, 5)
+        # in_flight counts a call its worker has taken; the worker may not have entered it yet
+        wait_until(lambda: gauge.now == 2, "both workers inside their calls")
         gate.set()
         results = [f.result() for f in futures]
     assert results.count("ok") == 5

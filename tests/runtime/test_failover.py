@@ -9,17 +9,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import Awaitable
 from io import StringIO
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from meshkit import discovery
+from meshkit._core.serving import bind
 from meshkit.client import ServiceClient
 from meshkit.discovery.health import CheckPolicy
 from meshkit.errors import MeshkitError
+from meshkit.resilience import Exponential
 from meshkit.runner import Supervisor, load_system
 from meshkit.testing import eventually
 
@@ -181,5 +185,76 @@ async def test_an_instance_failing_its_health_checks_leaves_rotation_and_comes_b
             flag.unlink()
             await eventually(lambda: _len(in_rotation(), 2), "back in rotation once it passes again")
     finally:
+        stop.set()
+        await running
+
+
+async def _readyz(url: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+@pytest.mark.anyio
+async def test_a_chosen_port_taken_while_its_instance_is_down_is_chosen_again(tmp_path: Path) -> None:
+    """The supervisor binds each instance's socket and hands it down, so the port cannot be taken between its
+    choice and the child's start; a port taken while the instance was down (it is free then) gives the restarted
+    instance a new one, where it used to fail its start on the old port again and again."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "meshkit.toml").write_text('[services.echo]\napp = "echo:service"\n')
+    system = load_system(tmp_path)
+    out = StringIO()
+    supervisor = Supervisor(system, out=out, colour=False)
+    supervisor.backoff = Exponential(5.0, cap=5.0, jitter="none")  # time to take the port while it is down
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop, on_ready=lambda rows: ready.set()))
+    squatter: socket.socket | None = None
+    try:
+        await eventually(lambda: ready.is_set() or running.done(), "the instance ready", timeout=180)
+        assert not running.done(), out.getvalue()
+        (child,) = supervisor.children
+        old_port = child.port
+        assert child.process is not None
+        first = child.process
+        first.kill()
+        await eventually(lambda: "exited with code -9; restarting in 5.0 s" in out.getvalue(), "the exit seen")
+        squatter = bind("127.0.0.1", old_port)
+        await eventually(lambda: child.process is not first and child.port != old_port, "a restart elsewhere")
+        await eventually(lambda: _readyz(f"http://127.0.0.1:{child.port}"), "the restarted instance ready", timeout=90)
+        assert "cannot listen" not in out.getvalue()
+    finally:
+        if squatter is not None:
+            squatter.close()
+        stop.set()
+        await running
+
+
+@pytest.mark.anyio
+async def test_a_configured_port_in_use_is_reported_and_tried_again_until_free(tmp_path: Path) -> None:
+    squatter = bind("127.0.0.1", 0)
+    port = squatter.getsockname()[1]
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "meshkit.toml").write_text(f'[services.echo]\napp = "echo:service"\nport = {port}\n')
+    system = load_system(tmp_path)
+    out = StringIO()
+    supervisor = Supervisor(system, out=out, colour=False)
+    supervisor.backoff = Exponential(0.2, cap=0.2, jitter="none")
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop, on_ready=lambda rows: ready.set()))
+    try:
+        await eventually(lambda: "not started; restarting in 0.2 s" in out.getvalue(), "the refusal reported")
+        assert f"echo.1 | cannot listen on 127.0.0.1:{port}: Address already in use" in out.getvalue()
+        assert not ready.is_set()
+        squatter.close()
+        await eventually(lambda: ready.is_set() or running.done(), "ready once the port is free", timeout=180)
+        assert not running.done(), out.getvalue()
+        assert supervisor.children[0].port == port
+        assert await _readyz(f"http://127.0.0.1:{port}")
+    finally:
+        squatter.close()
         stop.set()
         await running

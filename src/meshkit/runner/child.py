@@ -1,7 +1,8 @@
 """One instance of one service, as processes mode starts it: ``python -m meshkit.runner.child FOLDER SERVICE
---port N --replica I``.
+--fd N --replica I`` (``--fd``: a listening socket the supervisor bound and handed down; ``--port N`` binds one
+itself).
 
-It serves the service on its port, registers, and stops gracefully on SIGTERM or SIGINT. It also stops if the
+It serves the service on that socket, registers, and stops gracefully on SIGTERM or SIGINT. It also stops if the
 supervisor that started it goes away (its parent process changes), so a killed ``meshkit run`` leaves no orphans.
 Logs go to stderr as ``LEVEL logger: message``; the supervisor prefixes each line with the instance's name.
 """
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from meshkit import discovery, messaging
@@ -36,7 +38,7 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
 
 
-async def run_child(folder: str, name: str, host: str, port: int, replica: int) -> None:
+async def run_child(folder: str, name: str, host: str, port: int, replica: int, fd: int | None = None) -> None:
     system = load_system(folder)
     service = system.load(name)
     stop = asyncio.Event()
@@ -61,7 +63,8 @@ async def run_child(folder: str, name: str, host: str, port: int, replica: int) 
                 metadata={"mode": "processes", "replica": str(replica), "pid": str(os.getpid())},
                 tracer=tracing.tracer(name),
             )
-            served = await bring_up(service, ctx, host, bind(host, port))
+            sock = bind(host, port) if fd is None else _inherited(fd)
+            served = await bring_up(service, ctx, host, sock)
             log.info("serving %s on %s", name, served.url)
             try:
                 await stop.wait()
@@ -73,17 +76,24 @@ async def run_child(folder: str, name: str, host: str, port: int, replica: int) 
         await transport.aclose()
 
 
+def _inherited(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshkit.runner.child")
     parser.add_argument("folder")
     parser.add_argument("service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--fd", type=int, default=None, help="a listening socket to serve on, instead of --port")
     parser.add_argument("--replica", type=int, default=1)
     args = parser.parse_args(argv)
     console_logging(os.environ.get("MESHKIT_LOG__LEVEL", "INFO"))
     try:
-        asyncio.run(run_child(args.folder, args.service, args.host, args.port, args.replica))
+        asyncio.run(run_child(args.folder, args.service, args.host, args.port, args.replica, args.fd))
     except MeshkitError as exc:
         hint = f" (hint: {exc.hint})" if exc.hint else ""
         log.error("%s%s", exc.message, hint)  # noqa: TRY400 - a configuration error needs no traceback

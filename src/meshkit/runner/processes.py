@@ -1,11 +1,13 @@
 """Processes mode: one process per service instance, supervised.
 
-The supervisor starts ``replicas`` children per service (``python -m meshkit.runner.child``) on ports it chooses
-(stable across restarts), merges their output into one stream with a coloured ``service.N |`` prefix (the colour
-is stable per service), restarts a child that exits on its own with an exponential backoff (reset once it has run
-for a minute), waits until every instance answers ``/readyz`` before reporting ready, and on stop sends SIGTERM to
-every child (they leave the registry and finish their work), then SIGKILL to any still running after the grace
-period. Children also stop by themselves if the supervisor dies, so nothing is orphaned.
+The supervisor starts ``replicas`` children per service (``python -m meshkit.runner.child``), each on a listening
+socket the supervisor binds and hands down (so no other process can take a chosen port before the child serves on
+it; the port stays the same across restarts while it is free), merges their output into one stream with a coloured
+``service.N |`` prefix (the colour is stable per service), restarts a child that exits on its own with an
+exponential backoff (reset once it has run for a minute), waits until every instance answers ``/readyz`` before
+reporting ready, and on stop sends SIGTERM to every child (they leave the registry and finish their work), then
+SIGKILL to any still running after the grace period. Children also stop by themselves if the supervisor dies, so
+nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -47,7 +50,8 @@ _HEALTHY_RUN = 60.0  # a child that ran this long and then died starts its backo
 class _Child:
     service: str
     replica: int
-    port: int
+    port: int  # 0 until the first start when the port is the supervisor's choice
+    fixed: bool  # the port is the system's (configured), not chosen by the supervisor
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     failures: int = 0  # exits in a row without a healthy run
@@ -92,8 +96,8 @@ class Supervisor:
         for name, entry in system.services.items():
             count = (replicas or {}).get(name, entry.replicas)
             for replica in range(1, count + 1):
-                port = entry.port + replica - 1 if entry.port else _free_port(host)
-                self.children.append(_Child(name, replica, port))
+                port = entry.port + replica - 1 if entry.port else 0
+                self.children.append(_Child(name, replica, port, fixed=bool(entry.port)))
         self._width = max(len(c.label) for c in self.children)
 
     # -- output ----------------------------------------------------------------------------------------------------
@@ -134,7 +138,24 @@ class Supervisor:
 
     # -- children --------------------------------------------------------------------------------------------------
 
-    async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
+    def _listen(self, child: _Child) -> socket.socket:
+        """The child's listening socket, bound here and handed down (so no other process can take the port between
+        choosing it and the child's start). A port of our choosing stays the same across restarts while it is free,
+        and is chosen again if something else took it while the child was down."""
+        if child.fixed or not child.port:
+            sock = bind(self.host, child.port)
+        else:
+            try:
+                sock = bind(self.host, child.port)
+            except ConfigurationError as exc:
+                sock = bind(self.host, 0)
+                log.warning(
+                    "%s; it moves to port %d", exc.message, sock.getsockname()[1], extra={"instance": child.label}
+                )
+        child.port = int(sock.getsockname()[1])
+        return sock
+
+    async def _spawn(self, child: _Child, sock: socket.socket) -> asyncio.subprocess.Process:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.tracing.endpoint is not None:
             env["MESHKIT_TRACING__ENDPOINT"] = self.tracing.endpoint  # the children export where we do
@@ -147,13 +168,14 @@ class Supervisor:
             child.service,
             "--host",
             self.host,
-            "--port",
-            str(child.port),
+            "--fd",
+            str(sock.fileno()),
             "--replica",
             str(child.replica),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
+            pass_fds=(sock.fileno(),),
             env=env,
             cwd=self.system.folder,  # relative paths in a service mean the same in every instance
         )
@@ -163,29 +185,37 @@ class Supervisor:
         rng = random.Random()
         while not self._halt.is_set():
             started = time.monotonic()
-            process = child.process = await self._spawn(child)
-            assert process.stdout is not None
-            await self._pump(child, process.stdout)
-            code = await process.wait()
+            try:
+                sock = self._listen(child)
+            except ConfigurationError as exc:  # a configured port someone else holds: tried again like an exit
+                self._say(child, f"{exc.message} (hint: {exc.hint})")
+                what = "not started"
+            else:
+                with sock:  # the child holds its own copy once started
+                    process = child.process = await self._spawn(child, sock)
+                assert process.stdout is not None
+                await self._pump(child, process.stdout)
+                what = f"exited with code {await process.wait()}"
             if self._halt.is_set():
                 return
             child.failures = 1 if time.monotonic() - started >= _HEALTHY_RUN else child.failures + 1
             delay = self.backoff.delay(child.failures, 0.0, rng)
-            self._say(child, f"exited with code {code}; restarting in {delay:.1f} s")
-            log.warning("instance exited", extra={"instance": child.label, "code": code, "restart_in": delay})
+            self._say(child, f"{what}; restarting in {delay:.1f} s")
+            log.warning("instance down", extra={"instance": child.label, "why": what, "restart_in": delay})
             with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
                 await asyncio.wait_for(self._halt.wait(), delay)
             child.restarts += 1
 
     async def _ready(self, child: _Child, deadline: float) -> None:
         aiohttp = require("aiohttp", "service")
-        url = f"http://{self.host}:{child.port}/readyz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while True:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            return
+                url = f"http://{self.host}:{child.port}/readyz"  # the port is known once the child is started
+                if child.port:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with session.get(url) as response:
+                            if response.status == 200:
+                                return
                 if time.monotonic() > deadline:
                     raise Unavailable(
                         f"{child.label} did not become ready at {url} within {self.ready_timeout:.0f} s",
@@ -284,11 +314,3 @@ class Supervisor:
         for child in self.children:
             if child.process is not None and child.process.returncode is None:
                 await child.process.wait()
-
-
-def _free_port(host: str) -> int:
-    sock = bind(host, 0)
-    try:
-        return int(sock.getsockname()[1])
-    finally:
-        sock.close()
