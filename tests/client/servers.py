@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -98,10 +97,3 @@ async def backends(*names: str, mode: Mode = "ok") -> AsyncIterator[list[Backend
 async def register(registry: Registry, service: str, *servers: Backend, **kwargs: object) -> None:
     for server in servers:
         await registry.register(server.instance(service, **kwargs), ttl=600, keepalive=False)
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound and released: connecting to it is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

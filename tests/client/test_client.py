@@ -17,7 +17,8 @@ from meshkit.errors import CircuitOpen, ConfigurationError, HTTPStatusError, Tim
 from meshkit.resilience import CircuitBreaker, Constant, Retry
 from meshkit.testing import FakeClock, eventually
 from meshkit.tracing import extracted
-from tests.client.servers import Backend, backends, free_port, register
+from tests.client.servers import Backend, backends, register
+from tests.servers import free_port
 
 #: no waiting between attempts, so the tests measure behaviour, not backoff
 FAST = ClientOptions(retry=Retry(attempts=3, backoff=Constant(0.0)))

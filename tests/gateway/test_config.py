@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from meshkit.errors import ConfigurationError
 from meshkit.gateway import Gateway, builtin_plugins, load_config, parse_config
 from meshkit.gateway.config import json_schema
 from tests.gateway.servers import upstream
+from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -158,15 +158,9 @@ async def test_reload_swaps_routes_without_dropping_a_keep_alive_connection(tmp_
             await gw.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_the_cli_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
     async with upstream() as a, upstream() as b:
-        port = _free_port()
+        port = free_port()
         file = tmp_path / "gateway.yaml"
         base = f'listen: {{port: {port}}}\nroutes:\n  - name: r\n    path: /\n    targets: ["%s"]\n'
         file.write_text(base % a.target)

@@ -35,6 +35,7 @@ from meshkit.testing import FlakyHTTPServer
 from tests.helpers import wait_until
 from tests.messaging.outage import until_accepted
 from tests.redis_keys import fresh_prefix
+from tests.servers import free_port
 
 REDIS_URL = os.environ.get("MESHKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
 FAST = SubscriptionOptions(poll_interval=0.05, drain_timeout=10)
@@ -496,10 +497,7 @@ class _OwnRedis:
     """A redis-server of our own on a free port, with AOF (fsync always), that a test may stop and start."""
 
     def __init__(self, folder: Path) -> None:
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        self.port = free_port()
         self.folder = folder
         self.process: subprocess.Popen[bytes] | None = None
 
