@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,64 @@ async def test_a_service_serves_prometheus_metrics_of_requests_messages_breakers
     assert 'meshkit_consumer_lag{group="stock",service="stock",state="in_flight",topic="restock"} 0.0' in text
     assert 'meshkit_client_breaker_state{downstream="pricing",service="stock"} 0.0' in text
     assert "meshkit_http_request_duration_seconds_bucket" in text
+
+
+GLOBAL_PROVIDER_SCRIPT = """
+import asyncio, json, tempfile
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from meshkit import Service, discovery, messaging
+from meshkit.client import AsgiTransport, ServiceClient
+from meshkit.runtime import RunContext
+from meshkit.tracing.spans import provider
+
+global_spans = InMemorySpanExporter()
+made = TracerProvider()
+made.add_span_processor(SimpleSpanProcessor(global_spans))
+trace.set_tracer_provider(made)  # what auto-instrumentation or the application itself does
+
+own_spans = InMemorySpanExporter()
+own = provider("stock", exporter=own_spans, batch=False)
+service = Service("stock")
+
+
+@service.http.get("/stock/{sku}")
+async def stock(sku: str) -> dict[str, int]:
+    return {"quantity": 1}
+
+
+async def main() -> None:
+    async with messaging.connect("memory://") as broker, discovery.connect("memory://") as registry:
+        transport = AsgiTransport({"stock": service.asgi})
+        with tempfile.TemporaryDirectory() as folder:
+            await service.start(RunContext(broker, registry, transport, Path(folder), tracer=own.get_tracer("s")))
+            await service.register("127.0.0.1", 8000)
+            async with ServiceClient("stock", registry, transport=transport) as client:
+                assert (await client.get("/stock/book")).status == 200
+            await service.stop()
+        await transport.aclose()
+
+
+asyncio.run(main())
+print(json.dumps({
+    "global": [s.name for s in global_spans.get_finished_spans()],
+    "own": [s.name for s in own_spans.get_finished_spans()],
+}))
+"""
+
+
+def test_fastapi_makes_no_second_server_span_beside_the_services_own(tmp_path: Path) -> None:
+    """FastAPI's own telemetry (newer FastAPIs trace every request once a global provider is set) is off in the app
+    a service makes: one server span per request, the service's."""
+    script = tmp_path / "global_provider.py"
+    script.write_text(GLOBAL_PROVIDER_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    spans = json.loads(done.stdout.strip().splitlines()[-1])
+    assert spans["own"] == ["GET /stock/{sku}"]
+    assert spans["global"] == []

@@ -181,7 +181,7 @@ class Service:
         """
         fastapi = require("fastapi", "service")
         if self._http is None:
-            self._http = fastapi.FastAPI(title=self.name, version=self.version or "0")
+            self._http = _fastapi_app(fastapi, self.name, self.version or "0")
         if not isinstance(self._http, fastapi.FastAPI):
             raise ConfigurationError(
                 f"service {self.name!r} serves an ASGI app that is not FastAPI",
@@ -482,6 +482,18 @@ class Service:
 
 
 _TRACE_KEYS = frozenset(k.encode() for k in TRACE_HEADERS)
+
+
+def _fastapi_app(fastapi: Any, title: str, version: str) -> Any:
+    """The FastAPI app meshkit makes for a service. FastAPI's own telemetry (newer FastAPIs: a server span, request
+    metrics and exception logs whenever a global OpenTelemetry provider is set) is off: the service makes the server
+    span and the request metrics itself, FastAPI's would be a second span per request beside it, and even off its
+    check of the global providers costs every request. An app given with ``Service(name, http=app)`` keeps its own
+    settings."""
+    if "telemetry" in inspect.signature(fastapi.FastAPI).parameters:
+        off = {"tracing": False, "metrics": False, "logs": False}
+        return fastapi.FastAPI(title=title, version=version, telemetry=off)
+    return fastapi.FastAPI(title=title, version=version)
 
 
 async def _traced_request(
