@@ -6,9 +6,10 @@ Runs ``benchmarks/tracing.py``'s scenario (a ServiceClient calling a service thr
 under ``valgrind --tool=callgrind`` with ``--warmup`` calls and with ``--warmup + --calls`` calls, untraced and
 traced by meshkit, and prints (difference) / ``--calls`` for each: instructions per call, start-up and shutdown
 cancelling out. ``--native`` runs the mypyc-compiled build (``scripts/build-native.sh``). Wall-clock speed plays no
-part, so a busy machine does not skew it; but the same run repeated moves by up to 8k instructions per call in
-the traced figure (the export thread wakes on a timer, and under valgrind that lands differently each run): run it
-several times and compare ranges, not single figures.
+part, so a busy machine does not skew it. String hashing is seeded with ``--hash-seed`` (default 0): with Python's
+random seed, dict layouts, and so the instructions a lookup takes, change from run to run, and the same code
+measured twice moved by several thousand instructions per call; with a fixed seed it repeats within a few dozen.
+A change to compare is measured at the same seed; a figure to report is measured at several.
 """
 
 from __future__ import annotations
@@ -55,10 +56,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--native", action="store_true", help="measure the mypyc-compiled build")
+    parser.add_argument("--hash-seed", type=int, default=0, help="PYTHONHASHSEED of the measured runs (default 0)")
     args = parser.parse_args()
     if args.calls < 1 or args.warmup < 1:
         parser.error("--calls and --warmup must be positive")
-    env = dict(os.environ)
+    if not 0 <= args.hash_seed <= 4294967295:
+        parser.error("--hash-seed must be from 0 to 4294967295 (what PYTHONHASHSEED takes)")
+    env = dict(os.environ, PYTHONHASHSEED=str(args.hash_seed))
     if args.native:
         native = native_env()
         if native is None:
@@ -72,7 +76,8 @@ def main() -> None:
         per_call[mode] = (long - short) / args.calls
     base, traced = per_call["none"], per_call["meshkit"]
     build = "compiled (mypyc)" if args.native else "Python source"
-    print(f"{build}: untraced {base / 1000:.1f}k instructions per call, traced {traced / 1000:.1f}k")
+    print(f"{build}, hash seed {args.hash_seed}: untraced {base / 1000:.1f}k instructions per call, ", end="")
+    print(f"traced {traced / 1000:.1f}k")
     print(f"added by tracing: {(traced - base) / 1000:.1f}k ({(traced - base) / base:.1%})")
 
 

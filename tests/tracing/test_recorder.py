@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -19,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshkit.tracing import current_headers, extracted
+from meshkit.tracing._w3c import parse_traceparent
 from meshkit.tracing.spans import provider, server_span, span
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -78,6 +81,38 @@ def test_a_server_span_has_the_parent_the_w3c_propagator_reads(
         assert ours.trace_id != int(TRACE, 16), "an invalid traceparent starts a new trace"
         (done,) = spans
         assert done.parent is None
+
+
+# what int(text, 16) takes beside lower-case hex digits (upper case, a 0x prefix, signs, underscores, whitespace,
+# non-ASCII digits), and characters it refuses
+_NEAR_HEX = "0123456789abcdef" + "ABCDEFxX-_+ \t\u0663\u00b2gz"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 54), st.sampled_from(_NEAR_HEX)), min_size=1, max_size=3),
+    st.integers(0, 55),
+    st.integers(0, 55),
+)
+def test_the_short_traceparent_reading_agrees_with_the_w3c_propagator(
+    edits: list[tuple[int, str]], cut_from: int, cut_to: int
+) -> None:
+    """Near misses of a valid header: characters replaced, and a piece cut out. Where the short path reads a
+    version-00 header, it reads what the propagator reads; where it reads none, the propagator finds none either
+    (other versions and padding it leaves to the propagator)."""
+    chars = list(f"00-{TRACE}-{PARENT}-01")
+    for at, char in edits:
+        chars[at] = char
+    header = "".join(chars)
+    if cut_from < cut_to:
+        header = header[:cut_from] + header[cut_to:]
+    ours = parse_traceparent(header)
+    expected = _propagator_parent(header)
+    if ours is not None:
+        assert expected.is_valid
+        assert ours == (expected.trace_id, expected.span_id, expected.trace_flags)
+    elif header.startswith("00-") and len(header) == 55:
+        assert not expected.is_valid, f"the short path refused {header!r}, which the propagator reads"
 
 
 @pytest.mark.parametrize("header", HEADERS)
