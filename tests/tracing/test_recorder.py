@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -216,6 +217,8 @@ def test_recorded_spans_are_sdk_spans_for_any_exporter(exported: tuple[Any, InMe
             outer.set_attribute("list", ["x", "y"])
             outer.set_attribute("mixed", ["x", 1])  # not an attribute value: dropped
             outer.set_attribute("mapping", {"k": "v"})  # dropped
+            outer.set_attributes({"d": 2.5, "bad": object()})  # a dict (the fast path); the object is dropped
+            outer.set_attributes(MappingProxyType({"m": True}))  # any other mapping
             outer.add_event("checkpoint", {"n": 2})
             with sdk.get_tracer("user").start_as_current_span("user code"):
                 pass
@@ -230,7 +233,7 @@ def test_recorded_spans_are_sdk_spans_for_any_exporter(exported: tuple[Any, InMe
     assert inner.parent is not None and inner.parent.span_id == outer_done.context.span_id
     assert user.parent is not None and user.parent.span_id == outer_done.context.span_id, "SDK spans nest in ours"
     assert [link.context.span_id for link in inner.links] == [outer_done.context.span_id]
-    assert dict(outer_done.attributes or {}) == {"a": 1, "list": ("x", "y")}
+    assert dict(outer_done.attributes or {}) == {"a": 1, "list": ("x", "y"), "d": 2.5, "m": True}
     assert outer_done.status.status_code is StatusCode.ERROR
     assert outer_done.status.description == "ValueError: boom"
     assert [e.name for e in outer_done.events] == ["checkpoint", "exception"]

@@ -303,8 +303,12 @@ class Span:
         self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
+        if isinstance(attributes, dict):  # compiled, a dict's items are iterated natively
+            for key, value in attributes.items():
+                self.set_attribute(key, value)
+        else:
+            for key, value in attributes.items():
+                self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
         if self._recording and self._end_time is None:
