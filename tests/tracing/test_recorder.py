@@ -169,6 +169,21 @@ def test_current_headers_are_what_the_w3c_propagators_write(exported: tuple[Any,
     with server_span(tracer, "GET /y", remote), span(tracer, "call", kind="client"):
         assert current_headers() == _propagator_headers()
         assert current_headers()["tracestate"] == "a=1,b=2"
+    # spans reuse their trace's id as hex from the caller's header, or from one a parent wrote: the headers must
+    # not change for it
+    lone = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    with server_span(tracer, "GET /z", lone), span(tracer, "call", kind="client") as call:
+        assert current_headers() == _propagator_headers()
+        assert current_headers()["traceparent"] == f"00-{TRACE}-{call.get_span_context().span_id:016x}-01"
+    with span(tracer, "root") as root:
+        with span(tracer, "before the root wrote a header"):
+            assert current_headers() == _propagator_headers()
+        assert current_headers() == _propagator_headers()  # the root writes one
+        with span(tracer, "after"), span(tracer, "grandchild") as grandchild:
+            headers = current_headers()
+            assert headers == _propagator_headers()
+            assert headers["traceparent"].startswith(f"00-{root.get_span_context().trace_id:032x}-")
+            assert grandchild.get_span_context().trace_id == root.get_span_context().trace_id
 
 
 class _OnlyCustom:
