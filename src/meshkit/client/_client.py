@@ -110,7 +110,6 @@ class ServiceClient:
         self.service = service
         self.registry = registry
         self.tracer = tracer  # an OpenTelemetry tracer: each call is a client span (None: no spans)
-        self._span_names: dict[str, str] = {}  # a client span's name by method ("GET payments"), made once
         self.options = opts = options or ClientOptions()
         self.clock: Clock = clock or MonotonicClock()
         if transport is None:
@@ -287,19 +286,12 @@ class ServiceClient:
         # request is built inside it, so it carries the span's traceparent.
         upper = method.upper()
         attributes = {"http.request.method": upper, "url.path": path, "peer.service": self.service}
-        name = self._span_names.get(upper)
-        if name is None:
-            name = self._span_names[upper] = f"{upper} {self.service}"
-        with span(tracer, name, kind="client", attributes=attributes) as current:
+        with span(tracer, f"{upper} {self.service}", kind="client", attributes=attributes) as current:
             response = await self._call(_build(method, path, params, headers, json, content), budget, idempotent)
-            instance = response.instance
-            if instance is not None:
-                current.set_attributes(
-                    {"http.response.status_code": response.status, "server.address": instance.host,
-                     "server.port": instance.port}
-                )  # fmt: skip
-            else:
-                current.set_attribute("http.response.status_code", response.status)
+            current.set_attribute("http.response.status_code", response.status)
+            if response.instance is not None:
+                current.set_attribute("server.address", response.instance.host)
+                current.set_attribute("server.port", response.instance.port)
             if response.status >= 500:
                 current.set_status(status_code_error(), f"HTTP {response.status}")
             return response

@@ -500,9 +500,8 @@ class Service:
                 template = getattr(scope.get("route"), "path", None)
                 if template:
                     current.update_name(f"{method} {template}")
-                    current.set_attributes({"http.route": template, "http.response.status_code": status[0]})
-                else:
-                    current.set_attribute("http.response.status_code", status[0])
+                    current.set_attribute("http.route", template)
+                current.set_attribute("http.response.status_code", status[0])
                 if status[0] >= 500:
                     current.set_status(status_code_error(), f"HTTP {status[0]}")
 
