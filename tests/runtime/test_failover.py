@@ -258,3 +258,20 @@ async def test_a_configured_port_in_use_is_reported_and_tried_again_until_free(t
         squatter.close()
         stop.set()
         await running
+
+
+def test_the_socket_the_supervisor_hands_down_refuses_callers_until_the_child_serves(tmp_path: Path) -> None:
+    """Held but not listening: a caller of a restarting instance is refused at once (and its client moves on),
+    rather than waiting in the backlog through the child's start-up."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "meshkit.toml").write_text('[services.echo]\napp = "echo:service"\n')
+    supervisor = Supervisor(load_system(tmp_path), out=StringIO(), colour=False)
+    child = supervisor.children[0]
+    with supervisor._listen(child) as held:
+        assert held.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", child.port), timeout=5).close()
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", child.port))  # the port is held all the same
+        held.listen()  # what the child's server does once it serves
+        socket.create_connection(("127.0.0.1", child.port), timeout=5).close()

@@ -21,9 +21,12 @@ from meshkit.errors import ConfigurationError
 __all__ = ["Serving", "bind", "serve_asgi", "server_class", "started"]
 
 
-def bind(host: str, port: int, *, what: str = "", reuse_port: bool = False) -> socket.socket:
+def bind(host: str, port: int, *, what: str = "", reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """A listening socket on ``host:port`` (0: a free port), or a clear error if the port is taken.
-    ``reuse_port`` (``SO_REUSEPORT``) lets several processes listen on one port (the kernel spreads connections)."""
+    ``reuse_port`` (``SO_REUSEPORT``) lets several processes listen on one port (the kernel spreads connections).
+    ``listen=False``: bound only, so the port is held but connections to it are refused until a server starts
+    serving on the socket (asyncio's ``create_server`` listens then). Held against plain binds and ``bind(0)``; a
+    process binding it with ``SO_REUSEADDR`` and listening first would make that listen fail."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -40,7 +43,8 @@ def bind(host: str, port: int, *, what: str = "", reuse_port: bool = False) -> s
             f"{what + ' ' if what else ''}cannot listen on {host}:{port}: {exc.strerror or exc}",
             hint="another process holds the port: stop it, or choose another port",
         ) from exc
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.setblocking(False)
     return sock
 

@@ -1,6 +1,6 @@
 """One instance of one service, as processes mode starts it: ``python -m meshkit.runner.child FOLDER SERVICE
---fd N --replica I`` (``--fd``: a listening socket the supervisor bound and handed down; ``--port N`` binds one
-itself).
+--fd N --replica I`` (``--fd``: a socket the supervisor bound and handed down, listened on once serving;
+``--port N`` binds one itself).
 
 It serves the service on that socket, registers, and stops gracefully on SIGTERM or SIGINT. It also stops if the
 supervisor that started it goes away (its parent process changes), so a killed ``meshkit run`` leaves no orphans.
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--fd", type=int, default=None, help="a listening socket to serve on, instead of --port")
+    parser.add_argument("--fd", type=int, default=None, help="a bound socket to serve on, instead of --port")
     parser.add_argument("--replica", type=int, default=1)
     args = parser.parse_args(argv)
     console_logging(os.environ.get("MESHKIT_LOG__LEVEL", "INFO"))

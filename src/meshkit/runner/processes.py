@@ -1,13 +1,13 @@
 """Processes mode: one process per service instance, supervised.
 
-The supervisor starts ``replicas`` children per service (``python -m meshkit.runner.child``), each on a listening
-socket the supervisor binds and hands down (so no other process can take a chosen port before the child serves on
-it; the port stays the same across restarts while it is free), merges their output into one stream with a coloured
-``service.N |`` prefix (the colour is stable per service), restarts a child that exits on its own with an
-exponential backoff (reset once it has run for a minute), waits until every instance answers ``/readyz`` before
-reporting ready, and on stop sends SIGTERM to every child (they leave the registry and finish their work), then
-SIGKILL to any still running after the grace period. Children also stop by themselves if the supervisor dies, so
-nothing is orphaned.
+The supervisor starts ``replicas`` children per service (``python -m meshkit.runner.child``), each on a socket the
+supervisor binds and hands down (so no other process can take a chosen port before the child serves on it; callers
+are refused until it does; the port stays the same across restarts while it is free), merges their output into one
+stream with a coloured ``service.N |`` prefix (the colour is stable per service), restarts a child that exits on its
+own with an exponential backoff (reset once it has run for a minute), waits until every instance answers ``/readyz``
+before reporting ready, and on stop sends SIGTERM to every child (they leave the registry and finish their work),
+then SIGKILL to any still running after the grace period. Children also stop by themselves if the supervisor dies,
+so nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -139,16 +139,19 @@ class Supervisor:
     # -- children --------------------------------------------------------------------------------------------------
 
     def _listen(self, child: _Child) -> socket.socket:
-        """The child's listening socket, bound here and handed down (so no other process can take the port between
-        choosing it and the child's start). A port of our choosing stays the same across restarts while it is free,
-        and is chosen again if something else took it while the child was down."""
+        """The child's socket, bound here and handed down (so no other process can take the port between choosing
+        it and the child's start). It is bound, not listening: the child's server listens once it serves, and until
+        then callers are refused at once, as by a port nobody holds (listening here, their connections would wait
+        through the child's start-up, and a client would not eject a killed instance whose restart had begun). A
+        port of our choosing stays the same across restarts while it is free, and is chosen again if something
+        else took it while the child was down."""
         if child.fixed or not child.port:
-            sock = bind(self.host, child.port)
+            sock = bind(self.host, child.port, listen=False)
         else:
             try:
-                sock = bind(self.host, child.port)
+                sock = bind(self.host, child.port, listen=False)
             except ConfigurationError as exc:
-                sock = bind(self.host, 0)
+                sock = bind(self.host, 0, listen=False)
                 log.warning(
                     "%s; it moves to port %d", exc.message, sock.getsockname()[1], extra={"instance": child.label}
                 )
