@@ -23,6 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from meshkit.tracing import current_headers, extracted
 from meshkit.tracing._w3c import parse_traceparent
+from meshkit.tracing.propagation import span_headers
 from meshkit.tracing.spans import provider, server_span, span
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -281,3 +282,94 @@ def test_ratio_sampling_keeps_the_traces_the_sdk_sampler_keeps() -> None:
     assert 60 < sum(decisions) < 180, "about 30 % kept"
     assert len(exporter.get_finished_spans()) == 2 * sum(decisions)
     made.shutdown()
+
+
+def _request(header: str, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """ASGI headers of a request carrying ``header`` as its traceparent."""
+    return [(b"host", b"stock"), (b"traceparent", header.encode("latin-1")), *extra]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_a_request_span_read_from_asgi_headers_has_the_parent_the_w3c_propagator_reads(
+    header: str, exported: tuple[Any, InMemorySpanExporter]
+) -> None:
+    tracer, exporter = exported
+    made = tracer.start_request_span(_request(header), "GET", {"url.path": "/x"})
+    if parse_traceparent(header) is None:
+        assert made is None, "a header the short reading refuses goes to the propagator (server_span)"
+        return
+    expected = _propagator_parent(header)
+    with made as current:
+        assert trace.get_current_span() is current
+        ours = current.get_span_context()
+    assert (ours.trace_id, ours.trace_flags) == (expected.trace_id, expected.trace_flags)
+    if expected.trace_flags.sampled:
+        (done,) = exporter.get_finished_spans()
+        assert done.parent is not None and done.parent.is_remote
+        assert (done.parent.trace_id, done.parent.span_id) == (expected.trace_id, expected.span_id)
+        assert done.parent is done.parent, "the parent's SpanContext is built once"
+        assert done.kind is SpanKind.SERVER
+        assert dict(done.attributes or {}) == {"url.path": "/x"}
+    else:
+        assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        _request(f"00-{TRACE}-{PARENT}-01", (b"tracestate", b"vendor=abc")),
+        _request(f"00-{TRACE}-{PARENT}-01", (b"baggage", b"tenant=acme")),
+        _request(f"00-{TRACE}-{PARENT}-01", (b"traceparent", f"00-{TRACE}-{PARENT}-01".encode())),
+    ],
+    ids=["tracestate", "baggage", "two traceparents"],
+)
+def test_a_request_with_more_than_a_plain_traceparent_is_left_to_the_propagators(
+    headers: list[tuple[bytes, bytes]], exported: tuple[Any, InMemorySpanExporter]
+) -> None:
+    tracer, _ = exported
+    assert tracer.start_request_span(headers, "GET", {}) is None
+
+
+def test_a_request_span_takes_asgi_headers_as_lists_and_without_a_traceparent(
+    exported: tuple[Any, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = exported
+    listed = [[b"traceparent", f"00-{TRACE}-{PARENT}-01".encode()]]  # ASGI allows any two-item iterables
+    with tracer.start_request_span(listed, "GET", {}) as current:
+        assert current.get_span_context().trace_id == int(TRACE, 16)
+    with span(tracer, "caller") as caller, tracer.start_request_span([(b"host", b"x")], "GET", {}) as served:
+        # no traceparent: a child of the current span, as server_span makes it
+        assert served.get_span_context().trace_id == caller.get_span_context().trace_id
+    with tracer.start_request_span([], "GET", {}) as root:
+        assert root.get_span_context().trace_id != int(TRACE, 16)
+    by_name = {done.context.span_id: done for done in exporter.get_finished_spans()}
+    served_done = by_name[served.get_span_context().span_id]
+    assert served_done.parent is not None
+    assert served_done.parent.span_id == caller.get_span_context().span_id
+    assert by_name[root.get_span_context().span_id].parent is None
+
+
+def test_call_headers_are_what_the_w3c_propagators_write_or_none(exported: tuple[Any, InMemorySpanExporter]) -> None:
+    tracer, _ = exported
+    with server_span(tracer, "GET /x", {"traceparent": f"00-{TRACE}-{PARENT}-01"}), span(tracer, "call") as call:
+        assert call.call_headers() == _propagator_headers() == span_headers(call)
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            assert call.call_headers() is None, "baggage: the propagators write the headers"
+            assert span_headers(call) == _propagator_headers()
+            assert "baggage" in span_headers(call)
+        finally:
+            context.detach(token)
+        with span(tracer, "inner"):
+            assert call.call_headers() is None, "not the current span"
+    custom = _OnlyCustom()
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(custom)  # type: ignore[arg-type]
+    try:
+        with span(tracer, "root") as root:
+            assert root.call_headers() is None
+            assert tracer.start_request_span(_request(f"00-{TRACE}-{PARENT}-01"), "GET", {}) is None
+            assert set(span_headers(root)) == {"traceparent"}
+    finally:
+        propagate.set_global_textmap(before)
+    assert custom.injected == 1

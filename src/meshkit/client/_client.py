@@ -42,8 +42,8 @@ from meshkit.discovery.health import OutlierDetector
 from meshkit.errors import CircuitOpen, ConfigurationError, TimeoutExceeded, Unavailable
 from meshkit.resilience import Bound, BreakerState, BreakerTransition, Bulkhead, CircuitBreaker, Pipeline, Timeout
 from meshkit.resilience.events import Event, Listeners
-from meshkit.tracing import inject
-from meshkit.tracing.spans import span, status_code_error
+from meshkit.tracing.propagation import current_headers, span_headers
+from meshkit.tracing.spans import span_kind, status_code_error
 
 __all__ = ["IDEMPOTENT_METHODS", "QueryParams", "ServiceClient"]
 
@@ -286,8 +286,10 @@ class ServiceClient:
         # request is built inside it, so it carries the span's traceparent.
         upper = method.upper()
         attributes = {"http.request.method": upper, "url.path": path, "peer.service": self.service}
-        with span(tracer, f"{upper} {self.service}", kind="client", attributes=attributes) as current:
-            response = await self._call(_build(method, path, params, headers, json, content), budget, idempotent)
+        # (positional, in the order of the API's start_as_current_span: no wrapper, no keywords)
+        with tracer.start_as_current_span(f"{upper} {self.service}", None, span_kind("client"), attributes) as current:
+            request = _build(method, path, params, headers, json, content, span_headers(current))
+            response = await self._call(request, budget, idempotent)
             current.set_attribute("http.response.status_code", response.status)
             if response.instance is not None:
                 current.set_attribute("server.address", response.instance.host)
@@ -802,8 +804,10 @@ def _build(
     headers: HeadersLike | None,
     json_body: Any,
     content: bytes | str | None,
+    trace: dict[str, str] | None = None,
 ) -> Request:
-    """The request of one call: the same value goes to every attempt."""
+    """The request of one call: the same value goes to every attempt. ``trace``: its trace headers (default: the
+    current context's); headers the caller gave win."""
     if not path.startswith("/"):
         path = "/" + path
     path, _, query = path.partition("?")
@@ -824,7 +828,7 @@ def _build(
             pairs.append(("content-type", "text/plain; charset=utf-8"))
     else:
         body = content or b""
-    trace: dict[str, str] = {}
-    inject(trace)  # the caller's own traceparent (given in headers) wins
+    if trace is None:
+        trace = current_headers()
     pairs.extend((k, v) for k, v in trace.items() if k not in names)
     return Request(method.upper(), path, query, Headers(pairs), body)

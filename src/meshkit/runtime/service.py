@@ -162,6 +162,7 @@ class Service:
         self._on_stop: list[Hook] = []
         self._checks: dict[str, Check] = {}
         self._ctx: RunContext | None = None
+        self._start_request: Any = None  # see start()
         self._running: list[Subscription] = []
         self._lease: Lease | None = None
         self._stopping = False
@@ -287,6 +288,8 @@ class Service:
             raise ConfigurationError(f"service {self.name!r} is already running")
         self._ctx = ctx
         self._stopping = False
+        # a meshkit recorder's tracer starts a request's span from its ASGI headers (None: through server_span)
+        self._start_request = getattr(ctx.tracer, "start_request_span", None)
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
         for downstream in self._downstreams.values():
             downstream._bind(ctx)
@@ -356,6 +359,7 @@ class Service:
         for downstream in self._downstreams.values():
             await downstream._unbind()
         self._ctx = None
+        self._start_request = None
         log.info("service stopped", extra={"service": self.name})
 
     # -- health and the served app ---------------------------------------------------------------------------------
@@ -484,16 +488,21 @@ class Service:
             return
         # The request in a server span, a child of the caller's traceparent (here, not in a helper coroutine: one
         # coroutine less per traced request).
-        carrier: dict[str, str] = {}  # only the trace headers: extraction reads nothing else
-        for k, v in scope.get("headers", ()):
-            key = _TRACE_KEYS.get(k)
-            if key is not None:
-                carrier[key] = v.decode("latin-1")
         method = scope.get("method", "GET")
         attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
+        raw = scope.get("headers", ())
+        start = self._start_request
+        made = start(raw, method, attributes) if start is not None else None
+        if made is None:
+            carrier: dict[str, str] = {}  # only the trace headers: extraction reads nothing else
+            for k, v in raw:
+                key = _TRACE_KEYS.get(k)
+                if key is not None:
+                    carrier[key] = v.decode("latin-1")
+            made = server_span(tracer, method, carrier, attributes)
         if status is None:  # nothing records the status yet (no metrics): record it here
             status, send = _status_recorder(send)
-        with server_span(tracer, method, carrier, attributes) as current:
+        with made as current:
             try:
                 await app(scope, receive, send)
             finally:

@@ -49,11 +49,12 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, cast
 
 from opentelemetry import context as context_api
+from opentelemetry import propagate as propagate_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_INSTRUMENTATION
 from opentelemetry.context import Context
@@ -64,7 +65,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from meshkit.tracing._w3c import parse_traceparent
-from meshkit.tracing.propagation import otel_runtime
+from meshkit.tracing.propagation import is_default_textmap, otel_runtime
 
 __all__ = ["BatchProcessor", "Span", "Tracer", "TracerProvider"]
 
@@ -75,12 +76,14 @@ _UNSET: Final = Status(StatusCode.UNSET)
 _EMPTY_STATE: Final = TraceState()
 _LOW_64: Final = (1 << 64) - 1
 _PRIMITIVES: Final = (str, bool, int, float)
+_SERVER: Final = SpanKind.SERVER
 _set_span_in_context: Final = trace_api.set_span_in_context
 _attach: Final = context_api.attach
 _detach: Final = context_api.detach
 _time_ns: Final = time.time_ns
 _bytes_hex: Final = bytes.hex  # (compiled, b.hex() looks the method up by name on every call)
 _bits: Final = random.getrandbits
+_get_textmap: Final = propagate_api.get_global_textmap
 # OpenTelemetry's current-Context variable (None: a runtime context other than the default, used through the API;
 # not Final: tests replace it) and the key of the current span in a Context; see
 # meshkit.tracing.propagation.otel_runtime.
@@ -106,26 +109,6 @@ def _clean(value: Any) -> Any:
     return None
 
 
-class RemoteParent:
-    """The caller's span, named by a plain version-00 ``traceparent``: a parent for a server span, read straight
-    from the header. Its ``SpanContext`` (remote) is built only when an exporter asks for the child's parent."""
-
-    def __init__(self, trace_id: int, span_id: int, flags: int) -> None:
-        self._trace_id = trace_id
-        self._span_id = span_id
-        self._flags = flags
-        self._built: SpanContext | None = None
-
-    @property
-    def context(self) -> SpanContext:
-        built = self._built
-        if built is None:
-            built = self._built = SpanContext(
-                self._trace_id, self._span_id, is_remote=True, trace_flags=TraceFlags(self._flags)
-            )
-        return built
-
-
 class Span:
     """A span being recorded, and once ended what exporters receive: it reads as an SDK ``ReadableSpan`` (every
     property and method of one; it is not a subclass, so that mypyc compiles it to a native class). Made by
@@ -139,7 +122,7 @@ class Span:
         trace_id: int,
         flags: int,
         trace_state: TraceState,
-        parent: SpanContext | Span | RemoteParent | None,
+        parent: SpanContext | Span | int | None,
         attributes: dict[str, Any],
         links: Sequence[Link],
         start_time: int,
@@ -194,9 +177,16 @@ class Span:
 
     @property
     def parent(self) -> SpanContext | None:
-        """The parent's ``SpanContext`` (a parent in this process is kept as its span until this is asked)."""
+        """The parent's ``SpanContext`` (a parent in this process is kept as its span, a remote one as its span id,
+        until this is asked)."""
         parent = self._parent_ref
-        return parent.context if isinstance(parent, Span | RemoteParent) else parent
+        if isinstance(parent, Span):
+            return parent.context
+        if isinstance(parent, int):  # the caller's span id, read from its traceparent: built once, when asked
+            built = SpanContext(self._trace_id, parent, is_remote=True, trace_flags=TraceFlags(self._flags))
+            self._parent_ref = built
+            return built
+        return parent
 
     @property
     def name(self) -> str:
@@ -292,6 +282,21 @@ class Span:
         if state is not _EMPTY_STATE and state:
             carrier["tracestate"] = state.to_header()
 
+    def call_headers(self) -> dict[str, str] | None:
+        """The trace headers of a call made while this span is the current one, as OpenTelemetry's default
+        propagators write them; None when they must come from the propagation API (other propagators, or a
+        context holding more than this span, such as baggage, or this span not current)."""
+        if _CONTEXT is None:
+            return None
+        values = _var_get()
+        if len(values) != 1 or _SPAN_KEY not in values or values[_SPAN_KEY] is not self:
+            return None
+        if not self._tracer.w3c_propagation():
+            return None
+        carrier: dict[str, str] = {}
+        self.w3c_headers(carrier)
+        return carrier
+
     # -- opentelemetry.trace.Span ------------------------------------------------------------------------------
 
     def is_recording(self) -> bool:
@@ -304,7 +309,10 @@ class Span:
         if type(key) is not str:
             log.debug("span attribute dropped: its key %r is not a str", key)
             return
-        if type(value) not in _PRIMITIVES:
+        kind = type(value)
+        # (identity tests: compiled, "type(value) in a tuple" compares the types with ==, two rich comparisons
+        # for an int)
+        if kind is not str and kind is not int and kind is not float and kind is not bool:
             cleaned = _clean(value)
             if cleaned is None:
                 log.debug("span attribute %r dropped: %r is not a valid attribute value", key, type(value).__name__)
@@ -556,6 +564,18 @@ class Tracer:
         self.processors: list[Any] = provider.processors  # the provider's lists: processors added later are seen
         self.starters: list[Any] = provider.starters
         self._bound: int | None = provider.bound
+        self._textmap: object = None  # the global propagator w3c_propagation saw last, and its answer
+        self._w3c = False
+
+    def w3c_propagation(self) -> bool:
+        """Whether OpenTelemetry's global propagator is its default one (W3C trace context and baggage), so that
+        this tracer's spans read and write ``traceparent`` themselves (asked per request: the answer is kept until
+        the propagator changes)."""
+        textmap = _get_textmap()
+        if textmap is not self._textmap:
+            self._textmap = textmap
+            self._w3c = is_default_textmap(textmap)
+        return self._w3c
 
     def start_span(
         self,
@@ -575,7 +595,7 @@ class Tracer:
             values = _var_get() if _CONTEXT is not None else context_api.get_current()
             # not values.get(): compiled, that looks the method up by name on every span
             current = values[_SPAN_KEY] if _SPAN_KEY in values else None  # noqa: SIM401
-        parent: SpanContext | Span | RemoteParent | None
+        parent: SpanContext | Span | int | None
         trace_id: int
         flags: int
         state: TraceState
@@ -630,15 +650,42 @@ class Tracer:
         ``traceparent`` header names (what a server span of a request carrying only a ``traceparent`` needs: no
         context to extract first); None when it is not a plain, valid version-00 value (see
         :func:`meshkit.tracing._w3c.parse_traceparent`: the W3C propagator then decides what it means)."""
+        return self._remote_child(traceparent, name, kind, dict(attributes) if attributes else {})
+
+    def start_request_span(
+        self, headers: Iterable[Sequence[bytes]], name: str, attributes: dict[str, Any]
+    ) -> Span | None:
+        """A server span for an ASGI request with these ``headers``: what ``start_as_current_span(name,
+        kind=SERVER, attributes=attributes)`` makes under the caller's span (``attributes`` becomes the span's, not
+        copied). The caller's span is named by the request's lone, plain version-00 ``traceparent``, or is the
+        current span when the request carries none. None when the request needs OpenTelemetry's propagators
+        (``tracestate``, ``baggage``, a repeated or unusual ``traceparent``: see
+        :func:`meshkit.tracing.spans.server_span`), or when the global propagator is not the default one."""
+        if not self.w3c_propagation():
+            return None
+        found: bytes | None = None
+        for key, value in headers:
+            if key == b"traceparent":
+                if found is not None:
+                    return None
+                found = value
+            elif key == b"tracestate" or key == b"baggage":  # noqa: PLR1714 - compiled, cheaper than hashing key
+                return None
+        if found is None:
+            root = self.start_span(name, None, _SERVER, attributes)
+            root._activate = True
+            return root
+        return self._remote_child(found.decode("latin-1"), name, _SERVER, attributes)
+
+    def _remote_child(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Span | None:
+        """A span to make current, under the caller's span named by ``traceparent`` (None: not a plain one)."""
         ids = parse_traceparent(traceparent)
         if ids is None:
             return None
         trace_id, span_id, flags = ids
-        parent = RemoteParent(trace_id, span_id, flags)
-        attributes = dict(attributes) if attributes else {}
         recording = bool(flags & 1)
         span = Span(
-            self, name, kind, trace_id, flags, _EMPTY_STATE, parent, attributes, (), _time_ns(), recording, True, True
+            self, name, kind, trace_id, flags, _EMPTY_STATE, span_id, attributes, (), _time_ns(), recording, True, True
         )  # fmt: skip
         span._activate = True
         span._trace_header = traceparent

@@ -19,7 +19,7 @@ from typing import Any
 
 from meshkit.tracing._w3c import parse_traceparent
 
-__all__ = ["TRACE_HEADERS", "current_headers", "default_propagation", "extracted", "inject"]
+__all__ = ["TRACE_HEADERS", "current_headers", "default_propagation", "extracted", "inject", "span_headers"]
 
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
@@ -57,11 +57,13 @@ class _Otel:
         """Whether the global propagator is OpenTelemetry's default (W3C trace context and baggage)."""
         textmap = self.propagate.get_global_textmap()
         if textmap is not self._textmap:  # (asked on every traced call: the answer is kept per propagator)
-            self._textmap, self._default = textmap, _is_default(textmap)
+            self._textmap, self._default = textmap, is_default_textmap(textmap)
         return self._default
 
 
-def _is_default(textmap: Any) -> bool:
+def is_default_textmap(textmap: Any) -> bool:
+    """Whether ``textmap`` (a propagator) reads and writes what OpenTelemetry's default one does: W3C trace context
+    and baggage."""
     return set(textmap.fields) == set(TRACE_HEADERS)
 
 
@@ -106,6 +108,14 @@ def current_headers() -> dict[str, str]:
     if "traceparent" not in carrier:
         carrier.update(_carried.get() or {})
     return carrier
+
+
+def span_headers(span: Any) -> dict[str, str]:
+    """:func:`current_headers`, for a caller holding the current span (a client writing its call's headers): a
+    meshkit recorder span writes them itself when it can (see ``Span.call_headers``)."""
+    own = getattr(span, "call_headers", None)
+    made: dict[str, str] | None = own() if own is not None else None
+    return made if made is not None else current_headers()
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
