@@ -84,9 +84,12 @@ _time_ns: Final = time.time_ns
 _bytes_hex: Final = bytes.hex  # (compiled, b.hex() looks the method up by name on every call)
 _bits: Final = random.getrandbits
 _get_textmap: Final = propagate_api.get_global_textmap
+# (compiled, a name imported from a module that is not compiled is looked up in this module's namespace on every
+# use: what the hot path calls is bound to a C static once)
+_Context: Final = Context
 # OpenTelemetry's current-Context variable (None: a runtime context other than the default, used through the API;
-# not Final: tests replace it) and the key of the current span in a Context; see
-# meshkit.tracing.propagation.otel_runtime.
+# not Final: tests replace it, and tracers read it once, into Tracer.direct) and the key of the current span in a
+# Context; see meshkit.tracing.propagation.otel_runtime.
 _CONTEXT, _SPAN_KEY_FOUND = otel_runtime()
 _SPAN_KEY: Final = _SPAN_KEY_FOUND
 # its methods, bound once (compiled, a call to a bound method skips looking its name up on every span); a variable
@@ -286,7 +289,7 @@ class Span:
         """The trace headers of a call made while this span is the current one, as OpenTelemetry's default
         propagators write them; None when they must come from the propagation API (other propagators, or a
         context holding more than this span, such as baggage, or this span not current)."""
-        if _CONTEXT is None:
+        if not self._tracer.direct:
             return None
         values = _var_get()
         if len(values) != 1 or _SPAN_KEY not in values or values[_SPAN_KEY] is not self:
@@ -374,16 +377,19 @@ class Span:
         self._end_time = end_time or _time_ns()
         if self._recording:
             for processor in self._tracer.processors:
-                processor.on_end(self)
+                if isinstance(processor, BatchProcessor):  # compiled, a direct call (not a method looked up by name)
+                    processor.on_end(self)
+                else:
+                    processor.on_end(self)
 
     # -- the current span, as start_as_current_span's context manager ------------------------------------------
 
     def __enter__(self) -> Span:
         if self._activate:
-            if _CONTEXT is not None:  # what context.attach(trace.set_span_in_context(self)) does
+            if self._tracer.direct:  # what context.attach(trace.set_span_in_context(self)) does
                 # (a plain dict first: Context refuses item assignment, and dict's own __setitem__ called through
                 # the class costs more, compiled, than building the dict)
-                self._token = _var_set(Context({**_var_get(), _SPAN_KEY: self}))
+                self._token = _var_set(_Context({**_var_get(), _SPAN_KEY: self}))
             else:
                 self._token = _attach(_set_span_in_context(cast("Any", self)))
         return self
@@ -401,7 +407,7 @@ class Span:
             token = self._token
             if token is not None:
                 self._token = None
-                if _CONTEXT is None:
+                if not self._tracer.direct:
                     _detach(cast("Any", token))
                 else:
                     try:
@@ -564,6 +570,7 @@ class Tracer:
         self.processors: list[Any] = provider.processors  # the provider's lists: processors added later are seen
         self.starters: list[Any] = provider.starters
         self._bound: int | None = provider.bound
+        self.direct = _CONTEXT is not None  # OpenTelemetry's default runtime context: its variable is used directly
         self._textmap: object = None  # the global propagator w3c_propagation saw last, and its answer
         self._w3c = False
 
@@ -592,7 +599,7 @@ class Tracer:
         if context is not None:
             current = context.get(_SPAN_KEY)
         else:
-            values = _var_get() if _CONTEXT is not None else context_api.get_current()
+            values = _var_get() if self.direct else context_api.get_current()
             # not values.get(): compiled, that looks the method up by name on every span
             current = values[_SPAN_KEY] if _SPAN_KEY in values else None  # noqa: SIM401
         parent: SpanContext | Span | int | None

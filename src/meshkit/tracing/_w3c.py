@@ -4,7 +4,11 @@ without OpenTelemetry installed."""
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["parse_traceparent"]
+
+_isascii: Final = str.isascii  # (compiled, value.isascii() looks the method up by name on every call)
 
 
 def parse_traceparent(value: str) -> tuple[int, int, int] | None:
@@ -22,7 +26,7 @@ def parse_traceparent(value: str) -> tuple[int, int, int] | None:
     trace_hex, span_hex, flags_hex = value[3:35], value[36:52], value[53:]
     if (
         not (trace_hex.isalnum() and span_hex.isalnum() and flags_hex.isalnum())
-        or not value.isascii()
+        or not _isascii(value)
         or value.lower() != value
         or "x" in value
     ):
