@@ -140,7 +140,8 @@ class Span:
         self._links: Sequence[Link] = links if links else ()
         self._events: Sequence[Event] = ()  # a list of its own once the span has an event
         self._start_time = start_time
-        self._end_time: int | None = None
+        # 0 until the span ends (compiled, an int field holds a time unboxed; int | None would box it)
+        self._end_time = 0
         self._status: Status = _UNSET
         self._tracer = tracer
         self._trace_id = trace_id
@@ -205,7 +206,7 @@ class Span:
 
     @property
     def end_time(self) -> int | None:
-        return self._end_time
+        return self._end_time or None
 
     @property
     def status(self) -> Status:
@@ -262,7 +263,7 @@ class Span:
             None,
             self._status,
             self._start_time,
-            self._end_time,
+            self._end_time or None,
             self._tracer.scope,
         )
         return str(readable.to_json(indent))
@@ -303,11 +304,11 @@ class Span:
     # -- opentelemetry.trace.Span ------------------------------------------------------------------------------
 
     def is_recording(self) -> bool:
-        return self._recording and self._end_time is None
+        return self._recording and not self._end_time
 
     def set_attribute(self, key: object, value: Any) -> None:
         # (key: object, not str: compiled, a str annotation would raise TypeError, and the API must not raise)
-        if not self._recording or self._end_time is not None:  # an ended span is read-only, as in the SDK
+        if not self._recording or self._end_time:  # an ended span is read-only, as in the SDK
             return
         if type(key) is not str:
             log.debug("span attribute dropped: its key %r is not a str", key)
@@ -332,18 +333,18 @@ class Span:
                 self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
-        if self._recording and self._end_time is None:
+        if self._recording and not self._end_time:
             self._events = [*self._events, Event(name, dict(attributes or {}), timestamp or _time_ns())]
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if self._recording and self._end_time is None and context.is_valid:
+        if self._recording and not self._end_time and context.is_valid:
             self._links = [*self._links, Link(context, dict(attributes) if attributes else None)]
 
     def update_name(self, name: str) -> None:
         self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._status.status_code is StatusCode.OK or self._end_time is not None:  # final, as in the SDK
+        if self._status.status_code is StatusCode.OK or self._end_time:  # final, as in the SDK
             return
         if isinstance(status, Status):
             self._status = status
@@ -357,7 +358,7 @@ class Span:
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        if not self._recording or self._end_time is not None:
+        if not self._recording or self._end_time:
             return
         kind = type(exception)
         module = kind.__module__
@@ -372,7 +373,7 @@ class Span:
         self.add_event("exception", values, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end_time is not None:
+        if self._end_time:
             return
         self._end_time = end_time or _time_ns()
         if self._recording:
@@ -671,11 +672,12 @@ class Tracer:
         if not self.w3c_propagation():
             return None
         found: bytes | None = None
-        for key, value in headers:
+        for pair in headers:  # (compiled, indexing a pair is cheaper than unpacking it through an iterator)
+            key = pair[0]
             if key == b"traceparent":
                 if found is not None:
                     return None
-                found = value
+                found = pair[1]
             elif key == b"tracestate" or key == b"baggage":  # noqa: PLR1714 - compiled, cheaper than hashing key
                 return None
         if found is None:
