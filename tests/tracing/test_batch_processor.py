@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -259,3 +260,37 @@ def test_another_runtime_context_goes_through_the_api(tracer_of: Any, monkeypatc
             assert inner.parent == outer.get_span_context()
             assert trace.get_current_span() is inner
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+class Dropping(SpanExporter):
+    """Keeps nothing it is given."""
+
+    def __init__(self) -> None:
+        self.exported = 0
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def test_exported_spans_are_released_by_the_spans_that_end_after_them(tracer_of: Any) -> None:
+    """The export thread does not free what it exported: spans ending later release it, two each, on their own
+    thread; shutdown releases the rest."""
+    exporter = Dropping()
+    processor = BatchProcessor(exporter, schedule_delay_millis=60_000)
+    tracer = tracer_of(processor)
+    spans = [tracer.start_span(f"s{n}") for n in range(3)]
+    for span in spans:
+        span.end()
+    held = [sys.getrefcount(span) for span in spans]  # this test's references and the processor's queue
+    assert processor.force_flush(int(DEADLINE * 1000))
+    assert exporter.exported == 3
+    assert [sys.getrefcount(span) for span in spans] == held, "exported, still held until later spans end"
+    tracer.start_span("later").end()
+    assert [sys.getrefcount(span) for span in spans] == [held[0] - 1, held[1] - 1, held[2]], "two released"
+    processor.shutdown()
+    assert [sys.getrefcount(span) for span in spans] == [n - 1 for n in held], "shutdown releases the rest"
+    assert exporter.exported == 4

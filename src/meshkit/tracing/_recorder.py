@@ -22,6 +22,10 @@ is 10 %. This recorder makes the same spans for a fraction of that:
 - A span made current is stored straight into OpenTelemetry's current-Context variable (what ``context.attach``
   does under the default runtime context, without its three layers of calls); another runtime context
   (``OTEL_PYTHON_CONTEXT``) goes through the API.
+- The hot paths of a traced call are single compiled calls: :meth:`Tracer.start_request_span` makes a service
+  request's server span straight from its ASGI headers (under a lone plain ``traceparent``), and
+  :meth:`Span.call_headers` writes a client span's headers; both leave anything else (``tracestate``, baggage,
+  other propagators) to OpenTelemetry's propagation API.
 - :class:`BatchProcessor` queues ended spans for a thread to export, as the SDK's ``BatchSpanProcessor`` does,
   with a deque append per span (the SDK's checks the process id, a system call, on every span).
 
@@ -432,7 +436,9 @@ class BatchProcessor:
     (a span's end on the request path is an append to a deque: the SDK's checks the process id, a system call, and
     several flags per span). When ``max_queue_size`` spans are waiting, new ones are dropped and counted (a warning
     says how many). In a forked child the queue starts empty with a new thread. The exporter runs with
-    instrumentation suppressed, so its own HTTP calls make no spans."""
+    instrumentation suppressed, so its own HTTP calls make no spans. Exported spans are not freed by the export
+    thread: each span that ends releases up to two of them (so a processor holds at most about one batch of exported
+    spans until later spans end, or until :meth:`shutdown`)."""
 
     def __init__(
         self,
@@ -451,6 +457,8 @@ class BatchProcessor:
         self._max_batch = max_export_batch_size
         self._delay = schedule_delay_millis / 1000
         self._queue: collections.deque[Any] = collections.deque()
+        # exported spans, released by the thread that ends spans (see on_end)
+        self._exported: collections.deque[Any] = collections.deque()
         self._enqueue = self._queue.append  # bound once: compiled, a method call looks its name up each time
         self._dropped = 0
         self._stopping = False
@@ -463,6 +471,7 @@ class BatchProcessor:
 
     def _start(self) -> None:
         self._queue.clear()
+        self._exported.clear()
         # guards _flushes, _stopping and _dropped (a forked child gets a new lock: a parent's may be held)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -484,6 +493,14 @@ class BatchProcessor:
                 return
         elif span.context is None or not span.context.trace_flags.sampled:
             return
+        exported = self._exported
+        if exported:  # release up to two exported spans here, where they were made (see _export_queued)
+            try:
+                exported.popleft()
+                if exported:
+                    exported.popleft()
+            except IndexError:  # another thread ending spans emptied it meanwhile
+                pass
         queue = self._queue
         if len(queue) >= self._max_queue or self._stopping:
             with self._lock:  # (rare: a full queue) the export thread swaps the count under the same lock
@@ -515,6 +532,7 @@ class BatchProcessor:
             self._export_queued()  # a span that ended while the thread finished (on_end saw it running)
         else:  # an exporter stuck on an unreachable endpoint: the daemon thread is left
             log.warning("span export still running %.0f s into shutdown; spans left are dropped", _SHUTDOWN_SECONDS)
+        self._exported.clear()
         self._exporter.shutdown()
 
     def _work(self) -> None:
@@ -545,6 +563,10 @@ class BatchProcessor:
                 self._exporter.export(batch)
             except Exception:
                 log.exception("exporting %d spans failed", len(batch))
+            # The spans are freed by the thread that ends spans, two per span it ends, not here: freed on this
+            # thread, a batch's memory moved between the two threads' processor caches and back, which cost the
+            # request path more than the freeing itself.
+            self._exported.extend(batch)
         with self._lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:

@@ -5,7 +5,9 @@ current span's ``traceparent`` itself, exactly as the W3C propagator does but wi
 meshkit recorder span writes its own, without building a ``SpanContext``); on a traced call the propagator's
 inject and extract cost about as much as recording both spans did. Baggage to write, or other propagators
 configured with ``OTEL_PROPAGATORS``, go through OpenTelemetry's global propagator, as does every extraction
-here; :func:`meshkit.tracing.spans.server_span` reads a lone plain ``traceparent`` straight into a server span.
+here; :func:`meshkit.tracing.spans.server_span`, and a service's requests (the recorder's ``start_request_span``,
+reading the ASGI headers), read a lone plain ``traceparent`` straight into a server span. A client writes its call's
+headers from its span (:func:`span_headers`).
 """
 
 from __future__ import annotations

@@ -172,8 +172,9 @@ def provider(
             raise ValueError("a tracer provider needs an endpoint or an exporter")
         exporter = otlp_exporter(endpoint, protocol=protocol, headers=headers)
     inner = (
-        # a deep queue: a burst of requests must not drop spans while the exporter thread catches up
-        recorder.BatchProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=500)
+        # a deep queue: a burst of requests must not drop spans while the exporter thread catches up; batches of
+        # the SDK's default size (bigger ones keep more ended spans in memory, which costs the request path)
+        recorder.BatchProcessor(exporter, max_queue_size=65536, max_export_batch_size=512, schedule_delay_millis=500)
         if batch
         else export.SimpleSpanProcessor(exporter)
     )
