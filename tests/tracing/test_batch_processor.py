@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from meshkit.tracing import _recorder
 from meshkit.tracing._recorder import BatchProcessor, TracerProvider
+from meshkit.tracing.propagation import span_headers
 from meshkit.tracing.spans import provider
 
 DEADLINE = 30.0
@@ -258,7 +259,14 @@ def test_another_runtime_context_goes_through_the_api(tracer_of: Any, monkeypatc
         assert trace.get_current_span() is outer
         with tracer.start_as_current_span("inner") as inner:
             assert inner.parent == outer.get_span_context()
+            assert inner.call_headers() is None, "the short path needs the default runtime context"
+            assert span_headers(inner)["traceparent"].split("-")[2] == f"{inner.get_span_context().span_id:016x}"
             assert trace.get_current_span() is inner
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    traceparent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracer.start_request_span([(b"traceparent", traceparent)], "GET", {}) as served:
+        assert served.parent is not None and served.parent.span_id == 0xB7AD6B7169203331
+        assert trace.get_current_span() is served
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
@@ -294,3 +302,25 @@ def test_exported_spans_are_released_by_the_spans_that_end_after_them(tracer_of:
     processor.shutdown()
     assert [sys.getrefcount(span) for span in spans] == [n - 1 for n in held], "shutdown releases the rest"
     assert exporter.exported == 4
+
+
+def test_a_processor_holds_at_most_one_batch_of_exported_spans_and_none_once_quiet(tracer_of: Any) -> None:
+    exporter = Dropping()
+    processor = BatchProcessor(exporter, max_export_batch_size=4, schedule_delay_millis=50)
+    tracer = tracer_of(processor)
+    spans = [tracer.start_span(f"s{n}") for n in range(20)]
+
+    def counts() -> list[int]:
+        return [sys.getrefcount(span) for span in spans]
+
+    def held() -> list[int]:
+        """How many more references than this test's each span has."""
+        return [now - alone for now, alone in zip(counts(), baseline, strict=True)]
+
+    baseline = counts()
+    for ending in range(20):
+        spans[ending].end()
+    assert processor.force_flush(int(DEADLINE * 1000))
+    assert exporter.exported == 20
+    assert 0 < sum(held()) <= 4, f"only the last batch waits for later spans to free it: {held()}"
+    _wait_for(lambda: not any(held()))  # no span ends any more: the thread's next round frees them

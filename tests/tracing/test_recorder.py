@@ -334,9 +334,15 @@ def test_a_request_span_takes_asgi_headers_as_lists_and_without_a_traceparent(
     exported: tuple[Any, InMemorySpanExporter],
 ) -> None:
     tracer, exporter = exported
-    listed = [[b"traceparent", f"00-{TRACE}-{PARENT}-01".encode()]]  # ASGI allows any two-item iterables
-    with tracer.start_request_span(listed, "GET", {}) as current:
-        assert current.get_span_context().trace_id == int(TRACE, 16)
+    header = f"00-{TRACE}-{PARENT}-01".encode()
+    # ASGI allows any two-item iterables: lists, and others (a pair that is neither a tuple nor a list)
+    for listed in (
+        [[b"host", b"x"], [b"traceparent", header]],
+        [iter((b"host", b"x")), iter((b"traceparent", header))],
+    ):
+        with tracer.start_request_span(listed, "GET", {}) as current:
+            assert current.get_span_context().trace_id == int(TRACE, 16)
+    assert tracer.start_request_span([(b"traceparent", bytearray(header))], "GET", {}) is None, "not bytes"
     with span(tracer, "caller") as caller, tracer.start_request_span([(b"host", b"x")], "GET", {}) as served:
         # no traceparent: a child of the current span, as server_span makes it
         assert served.get_span_context().trace_id == caller.get_span_context().trace_id
@@ -373,3 +379,25 @@ def test_call_headers_are_what_the_w3c_propagators_write_or_none(exported: tuple
     finally:
         propagate.set_global_textmap(before)
     assert custom.injected == 1
+
+
+def test_a_propagator_without_fields_is_not_taken_for_the_default_one(
+    exported: tuple[Any, InMemorySpanExporter],
+) -> None:
+    tracer, _ = exported
+
+    class Bare:  # a propagator that does not say which fields it reads
+        def inject(self, carrier: dict[str, str], context: Any = None, setter: Any = None) -> None:
+            carrier["x-bare"] = "1"
+
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            return context
+
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(Bare())  # type: ignore[arg-type]
+    try:
+        assert tracer.start_request_span(_request(f"00-{TRACE}-{PARENT}-01"), "GET", {}) is None
+        with span(tracer, "root") as root:
+            assert root.call_headers() is None
+    finally:
+        propagate.set_global_textmap(before)

@@ -491,6 +491,8 @@ class Service:
         method = scope.get("method", "GET")
         attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": "http"}
         raw = scope.get("headers", ())
+        if not isinstance(raw, list | tuple):  # read twice below (the short path, then perhaps the general one)
+            raw = list(raw)
         start = self._start_request
         made = start(raw, method, attributes) if start is not None else None
         if made is None:

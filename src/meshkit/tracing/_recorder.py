@@ -436,9 +436,9 @@ class BatchProcessor:
     (a span's end on the request path is an append to a deque: the SDK's checks the process id, a system call, and
     several flags per span). When ``max_queue_size`` spans are waiting, new ones are dropped and counted (a warning
     says how many). In a forked child the queue starts empty with a new thread. The exporter runs with
-    instrumentation suppressed, so its own HTTP calls make no spans. Exported spans are not freed by the export
-    thread: each span that ends releases up to two of them (so a processor holds at most about one batch of exported
-    spans until later spans end, or until :meth:`shutdown`)."""
+    instrumentation suppressed, so its own HTTP calls make no spans. The export thread leaves the spans of its last
+    batch to be freed by the spans that end after them (two each, on their own thread): a processor holds at most one
+    batch of exported spans, until later spans end or the thread's next round (``schedule_delay_millis``)."""
 
     def __init__(
         self,
@@ -488,11 +488,6 @@ class BatchProcessor:
         processor works in an SDK ``TracerProvider`` too)."""
 
     def on_end(self, span: Any) -> None:
-        if isinstance(span, Span):
-            if not span._flags & 1:
-                return
-        elif span.context is None or not span.context.trace_flags.sampled:
-            return
         exported = self._exported
         if exported:  # release up to two exported spans here, where they were made (see _export_queued)
             try:
@@ -501,6 +496,11 @@ class BatchProcessor:
                     exported.popleft()
             except IndexError:  # another thread ending spans emptied it meanwhile
                 pass
+        if isinstance(span, Span):
+            if not span._flags & 1:
+                return
+        elif span.context is None or not span.context.trace_flags.sampled:
+            return
         queue = self._queue
         if len(queue) >= self._max_queue or self._stopping:
             with self._lock:  # (rare: a full queue) the export thread swaps the count under the same lock
@@ -544,6 +544,7 @@ class BatchProcessor:
             with self._lock:
                 flushes, self._flushes = self._flushes, []
                 stopping = self._stopping
+            self._exported.clear()  # what ending spans did not release since the last round (a quiet service)
             self._export_queued()
             for done in flushes:
                 done.set()
@@ -563,10 +564,13 @@ class BatchProcessor:
                 self._exporter.export(batch)
             except Exception:
                 log.exception("exporting %d spans failed", len(batch))
-            # The spans are freed by the thread that ends spans, two per span it ends, not here: freed on this
-            # thread, a batch's memory moved between the two threads' processor caches and back, which cost the
-            # request path more than the freeing itself.
-            self._exported.extend(batch)
+            # The spans of the last batch are freed by the threads that end spans, two per span they end, not here:
+            # freed on this thread, a batch's memory moved between the two threads' processor caches and back,
+            # which cost the request path more than the freeing itself. Earlier batches of this round (a backlog)
+            # and what is left at the next round are freed here.
+            exported = self._exported
+            exported.clear()
+            exported.extend(batch)
         with self._lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:
@@ -603,8 +607,10 @@ class Tracer:
         the propagator changes)."""
         textmap = _get_textmap()
         if textmap is not self._textmap:
+            answer = is_default_textmap(textmap)  # (before the textmap is kept: another thread may ask meanwhile)
+            self._w3c = answer
             self._textmap = textmap
-            self._w3c = is_default_textmap(textmap)
+            return answer
         return self._w3c
 
     def start_span(
@@ -682,9 +688,7 @@ class Tracer:
         :func:`meshkit.tracing._w3c.parse_traceparent`: the W3C propagator then decides what it means)."""
         return self._remote_child(traceparent, name, kind, dict(attributes) if attributes else {})
 
-    def start_request_span(
-        self, headers: Iterable[Sequence[bytes]], name: str, attributes: dict[str, Any]
-    ) -> Span | None:
+    def start_request_span(self, headers: Iterable[Any], name: str, attributes: dict[str, Any]) -> Span | None:
         """A server span for an ASGI request with these ``headers``: what ``start_as_current_span(name,
         kind=SERVER, attributes=attributes)`` makes under the caller's span (``attributes`` becomes the span's, not
         copied). The caller's span is named by the request's lone, plain version-00 ``traceparent``, or is the
@@ -693,19 +697,26 @@ class Tracer:
         :func:`meshkit.tracing.spans.server_span`), or when the global propagator is not the default one."""
         if not self.w3c_propagation():
             return None
-        found: bytes | None = None
-        for pair in headers:  # (compiled, indexing a pair is cheaper than unpacking it through an iterator)
-            key = pair[0]
+        found: object = None
+        key: object
+        value: object
+        for pair in headers:  # ASGI: two-item iterables (compiled, a tuple or list indexed: no iterator per pair)
+            if type(pair) is tuple or type(pair) is list:
+                key, value = pair[0], pair[1]
+            else:
+                key, value = pair
             if key == b"traceparent":
                 if found is not None:
                     return None
-                found = pair[1]
+                found = value
             elif key == b"tracestate" or key == b"baggage":  # noqa: PLR1714 - compiled, cheaper than hashing key
                 return None
         if found is None:
             root = self.start_span(name, None, _SERVER, attributes)
             root._activate = True
             return root
+        if not isinstance(found, bytes):  # not what ASGI promises: the general path decides
+            return None
         return self._remote_child(found.decode("latin-1"), name, _SERVER, attributes)
 
     def _remote_child(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Span | None:

@@ -66,7 +66,8 @@ class _Otel:
 def is_default_textmap(textmap: Any) -> bool:
     """Whether ``textmap`` (a propagator) reads and writes what OpenTelemetry's default one does: W3C trace context
     and baggage."""
-    return set(textmap.fields) == set(TRACE_HEADERS)
+    fields = getattr(textmap, "fields", None)  # (a propagator without them is not the default one)
+    return fields is not None and set(fields) == set(TRACE_HEADERS)
 
 
 @functools.cache
