@@ -172,8 +172,8 @@ def test_current_headers_are_what_the_w3c_propagators_write(exported: tuple[Any,
         assert current_headers()["tracestate"] == "a=1,b=2"
     # spans reuse their trace's id as hex from the caller's header, or from one a parent wrote: the headers must
     # not change for it
-    lone = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
-    with server_span(tracer, "GET /z", lone), span(tracer, "call", kind="client") as call:
+    lone = [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode())]
+    with tracer.start_request_span(lone, "GET /z", {}), span(tracer, "call", kind="client") as call:
         assert current_headers() == _propagator_headers()
         assert current_headers()["traceparent"] == f"00-{TRACE}-{call.get_span_context().span_id:016x}-01"
     with span(tracer, "root") as root:
@@ -357,7 +357,7 @@ def test_a_request_span_takes_asgi_headers_as_lists_and_without_a_traceparent(
 
 def test_call_headers_are_what_the_w3c_propagators_write_or_none(exported: tuple[Any, InMemorySpanExporter]) -> None:
     tracer, _ = exported
-    with server_span(tracer, "GET /x", {"traceparent": f"00-{TRACE}-{PARENT}-01"}), span(tracer, "call") as call:
+    with tracer.start_request_span(_request(f"00-{TRACE}-{PARENT}-01"), "GET", {}), span(tracer, "call") as call:
         assert call.call_headers() == _propagator_headers() == span_headers(call)
         token = context.attach(baggage.set_baggage("tenant", "acme"))
         try:

@@ -679,21 +679,12 @@ class Tracer:
         for processor in self.starters:
             processor.on_start(cast("Any", span), context)
 
-    def start_child_of_remote(
-        self, traceparent: str, name: str, kind: SpanKind, attributes: Mapping[str, Any] | None
-    ) -> Span | None:
-        """``start_as_current_span(name, kind=kind, attributes=attributes)`` under the caller's span, which the
-        ``traceparent`` header names (what a server span of a request carrying only a ``traceparent`` needs: no
-        context to extract first); None when it is not a plain, valid version-00 value (see
-        :func:`meshkit.tracing._w3c.parse_traceparent`: the W3C propagator then decides what it means)."""
-        return self._remote_child(traceparent, name, kind, dict(attributes) if attributes else {})
-
     def start_request_span(self, headers: Iterable[Any], name: str, attributes: dict[str, Any]) -> Span | None:
         """A server span for an ASGI request with these ``headers``: what ``start_as_current_span(name,
         kind=SERVER, attributes=attributes)`` makes under the caller's span (``attributes`` becomes the span's, not
         copied). The caller's span is named by the request's lone, plain version-00 ``traceparent``, or is the
         current span when the request carries none. None when the request needs OpenTelemetry's propagators
-        (``tracestate``, ``baggage``, a repeated or unusual ``traceparent``: see
+        (``tracestate``, ``baggage``, a repeated or unusual ``traceparent``: the caller then uses
         :func:`meshkit.tracing.spans.server_span`), or when the global propagator is not the default one."""
         if not self.w3c_propagation():
             return None
@@ -717,17 +708,15 @@ class Tracer:
             return root
         if not isinstance(found, bytes):  # not what ASGI promises: the general path decides
             return None
-        return self._remote_child(found.decode("latin-1"), name, _SERVER, attributes)
-
-    def _remote_child(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Span | None:
-        """A span to make current, under the caller's span named by ``traceparent`` (None: not a plain one)."""
+        traceparent = found.decode("latin-1")
         ids = parse_traceparent(traceparent)
         if ids is None:
             return None
         trace_id, span_id, flags = ids
         recording = bool(flags & 1)
         span = Span(
-            self, name, kind, trace_id, flags, _EMPTY_STATE, span_id, attributes, (), _time_ns(), recording, True, True
+            self, name, _SERVER, trace_id, flags, _EMPTY_STATE, span_id, attributes, (), _time_ns(),
+            recording, True, True,
         )  # fmt: skip
         span._activate = True
         span._trace_header = traceparent

@@ -5,9 +5,8 @@ current span's ``traceparent`` itself, exactly as the W3C propagator does but wi
 meshkit recorder span writes its own, without building a ``SpanContext``); on a traced call the propagator's
 inject and extract cost about as much as recording both spans did. Baggage to write, or other propagators
 configured with ``OTEL_PROPAGATORS``, go through OpenTelemetry's global propagator, as does every extraction
-here; :func:`meshkit.tracing.spans.server_span`, and a service's requests (the recorder's ``start_request_span``,
-reading the ASGI headers), read a lone plain ``traceparent`` straight into a server span. A client writes its call's
-headers from its span (:func:`span_headers`).
+here; a service's requests (the recorder's ``start_request_span``, reading the ASGI headers) read a lone plain
+``traceparent`` straight into a server span. A client writes its call's headers from its span (:func:`span_headers`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 
 from meshkit.tracing._w3c import parse_traceparent
 
-__all__ = ["TRACE_HEADERS", "current_headers", "default_propagation", "extracted", "inject", "span_headers"]
+__all__ = ["TRACE_HEADERS", "current_headers", "extracted", "inject", "span_headers"]
 
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
@@ -136,13 +135,6 @@ def otel_runtime() -> tuple[contextvars.ContextVar[Any] | None, str]:
     if otel is None:
         raise ImportError("opentelemetry-api is not installed")
     return otel.var, otel.span_key
-
-
-def default_propagation() -> bool:
-    """Whether OpenTelemetry is installed with its default propagators (W3C trace context and baggage), so a
-    ``traceparent`` header means what meshkit's short paths take it to mean."""
-    otel = _otel()
-    return otel is not None and otel.default_propagation()
 
 
 class extracted:

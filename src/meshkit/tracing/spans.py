@@ -27,7 +27,6 @@ from typing import Any
 
 from meshkit._core.optional import require
 from meshkit.tracing.export import otlp_exporter
-from meshkit.tracing.propagation import default_propagation as _default_propagation
 from meshkit.tracing.propagation import extracted
 
 __all__ = [
@@ -84,20 +83,11 @@ def server_span(
     tracer: Any | None, name: str, carried: Mapping[str, str], attributes: Mapping[str, Any] | None = None
 ) -> contextlib.AbstractContextManager[Any]:
     """``span(tracer, name, kind="server", attributes=attributes)`` as a child of the caller's span, which the
-    trace headers ``carried`` (``traceparent``, ``tracestate``, ``baggage``; see :data:`TRACE_HEADERS`) name. The
-    common request, a lone plain ``traceparent`` to a meshkit tracer, is parsed straight into the span's parent;
-    anything else is extracted into the current context first (:func:`meshkit.tracing.extracted`)."""
+    trace headers ``carried`` (``traceparent``, ``tracestate``, ``baggage``; see :data:`TRACE_HEADERS`) name: they
+    are extracted into the current context first (:func:`meshkit.tracing.extracted`). A service's requests take a
+    short path for the common case before this one (the recorder's ``Tracer.start_request_span``)."""
     if tracer is None:
         return _NO_SPAN
-    if len(carried) == 1:
-        traceparent = carried.get("traceparent")
-        start = getattr(tracer, "start_child_of_remote", None)  # a meshkit recorder's tracer
-        if traceparent is not None and start is not None and _default_propagation():
-            child: contextlib.AbstractContextManager[Any] | None = start(
-                traceparent, name, span_kind("server"), attributes
-            )
-            if child is not None:
-                return child
     return _Extracted(carried, functools.partial(span, tracer, name, kind="server", attributes=attributes))
 
 
