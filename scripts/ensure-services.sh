@@ -44,4 +44,10 @@ start redis-server 6379 redis-server --daemonize yes --bind 127.0.0.1 -::1 --por
 start nats-server 4222 start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
   -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || status=1
 start rabbitmq-server 5672 rabbitmq-server -detached || status=1
+# PostgreSQL (the outbox, sagas and event store tests): Debian's cluster, whatever its version
+if ! up 5432; then
+  command -v pg_ctlcluster >/dev/null 2>&1 || install_package postgresql || status=1
+fi
+start pg_ctlcluster 5432 bash -c 'pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | tail -1)" main start' \
+  || status=1
 exit $status

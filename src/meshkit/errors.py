@@ -16,6 +16,10 @@ about it, not by which module raised it::
     ├── MessagingError                a message cannot be published or handled as it is
     │   ├── MessageTooLarge           over the broker's size limit (nothing was published)
     │   └── MessageDecodeError        not a valid CloudEvent, or its data does not decode (goes to the DLQ)
+    ├── DatabaseError                 the database of the outbox, sagas or event store refused a statement
+    │   └── ConflictError             another writer got there first (a unique key); reload and try again
+    │       └── WrongExpectedVersion  an event stream is not at the version the appender expected
+    ├── SagaFailed                    a saga step failed; its compensations ran (see ``status``)
     └── HTTPStatusError               a service answered 4xx/5xx and the caller asked to raise for it
 
 Errors that mean "no call was made" (``CircuitOpen``, ``Rejected``) set ``request_sent = False``: retrying
@@ -33,6 +37,8 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "ConfigurationError",
+    "ConflictError",
+    "DatabaseError",
     "HTTPStatusError",
     "MeshkitError",
     "MessageDecodeError",
@@ -41,9 +47,11 @@ __all__ = [
     "MissingDependency",
     "RateLimited",
     "Rejected",
+    "SagaFailed",
     "SettingsError",
     "TimeoutExceeded",
     "Unavailable",
+    "WrongExpectedVersion",
 ]
 
 
@@ -165,6 +173,42 @@ class MessageTooLarge(MessagingError):
 
 class MessageDecodeError(MessagingError):
     """A received message is not a valid CloudEvent, or its data does not decode."""
+
+
+class DatabaseError(MeshkitError):
+    """The database (SQLite or PostgreSQL) refused a statement of the outbox, a saga or the event store. The
+    driver's error is the ``__cause__``; a database that cannot be reached is :class:`Unavailable` instead."""
+
+
+class ConflictError(DatabaseError):
+    """Another writer got there first (a unique key was taken): reload what changed and try again."""
+
+
+class WrongExpectedVersion(ConflictError):
+    """An append to an event stream expected it at ``expected`` events, and it holds ``actual``."""
+
+    def __init__(self, stream: str, *, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream!r} is at version {actual}, not the expected {expected}",
+            hint="load the stream again, decide again on its current state, and append with its version",
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class SagaFailed(MeshkitError):
+    """A saga stopped at a failing step. ``status`` says what its compensations did: ``"compensated"`` (every
+    completed step was undone) or ``"failed"`` (a compensation failed too, and the saga needs a person). The
+    failing step's error is the ``__cause__``."""
+
+    def __init__(self, saga: str, saga_id: str, *, step: str, status: str, reason: str) -> None:
+        super().__init__(f"saga {saga!r} ({saga_id}) failed at step {step!r}: {reason}; {status}")
+        self.saga = saga
+        self.saga_id = saga_id
+        self.step = step
+        self.status = status
+        self.reason = reason
 
 
 class HTTPStatusError(MeshkitError):

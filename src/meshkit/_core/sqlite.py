@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshkit.errors import ConfigurationError
 
-__all__ = ["open_database", "write_transaction"]
+__all__ = ["begin_immediate", "open_database", "write_transaction"]
 
 _BUSY_WAIT = 30.0  # seconds a writer keeps trying for the lock before the error surfaces
 
@@ -39,9 +39,8 @@ def open_database(path: Path, schema: str, *, what: str) -> sqlite3.Connection:
     return db
 
 
-@contextlib.contextmanager
-def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One short write transaction, taking the lock fairly.
+def begin_immediate(db: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``: take the write lock fairly.
 
     SQLite's own busy handler sleeps 1, 2, 5, ... up to 100 ms between tries, so under steady contention a writer
     that lost once keeps losing to writers that never had to wait: a member of a group was starved that way. The
@@ -52,13 +51,20 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     while True:
         try:
             db.execute("BEGIN IMMEDIATE")
-            break
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             if time.monotonic() > deadline:
                 raise
             time.sleep(random.uniform(0.0002, 0.0015))
+        else:
+            return
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One short write transaction, taking the lock fairly (:func:`begin_immediate`)."""
+    begin_immediate(db)
     try:
         yield
     except BaseException:
