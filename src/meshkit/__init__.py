@@ -35,6 +35,7 @@ from meshkit.resilience import (
 )
 
 if TYPE_CHECKING:
+    from meshkit._core.database import Database, Transaction, connect_database
     from meshkit.runtime import Service
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "Constant",
+    "Database",
     "Exponential",
     "Fallback",
     "Linear",
@@ -60,8 +62,10 @@ __all__ = [
     "ThreadPoolBulkhead",
     "Timeout",
     "TimeoutExceeded",
+    "Transaction",
     "Unavailable",
     "__version__",
+    "connect_database",
 ]
 
 
@@ -72,4 +76,8 @@ def __getattr__(name: str) -> Any:
         from meshkit.runtime import Service  # noqa: PLC0415 - on first use, see above
 
         return Service
+    if name in ("Database", "Transaction", "connect_database"):  # the data patterns' database, on first use too
+        from meshkit._core import database  # noqa: PLC0415 - on first use, see above
+
+        return getattr(database, name)
     raise AttributeError(f"module 'meshkit' has no attribute {name!r}")

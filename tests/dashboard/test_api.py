@@ -688,6 +688,7 @@ async def test_info_says_which_sources_the_runner_gave(store: TraceStore, broker
         "broker": True,
         "resilience": False,
         "logs": False,
+        "data": False,
     }
     assert json.dumps(data)  # plain JSON
 

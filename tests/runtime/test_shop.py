@@ -2,8 +2,10 @@
 
 The shop is copied to a temporary folder (its .meshkit/ state stays out of the repository) and run as a user
 runs it; the test reads the instance URLs from the ready table, places an order through the orders service
-(which calls payments and shipping through the service client) and waits for ``order.created`` to reach email,
-inventory and analytics. Ctrl-C (SIGINT) must stop everything cleanly: exit 0, no traceback, no process left.
+(whose checkout saga calls payments, inventory and shipping through the service client, and whose outbox relays
+``order.created``) and waits for it to reach email, inventory and analytics; an order that runs out of stock is
+compensated; the event-sourced accounts service keeps its read model. Ctrl-C (SIGINT) must stop everything
+cleanly: exit 0, no traceback, no process left.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
-SERVICES = {"orders", "payments", "inventory", "shipping", "email", "analytics"}
+SERVICES = {"orders", "payments", "inventory", "shipping", "email", "analytics", "accounts"}
+STEPS = ("charge", "reserve", "schedule")
 
 
 class Running:
@@ -91,7 +94,7 @@ def call(method: str, url: str, body: object | None = None, token: str | None = 
 
 
 def checkout_trace(traces_url: str) -> list[dict[str, Any]] | None:
-    """The spans of the latest trace rooted at the gateway's POST orders, once all ten of its spans arrived."""
+    """The spans of the latest trace rooted at the gateway's POST orders, once all sixteen of its spans arrived."""
     _, found = call("GET", f"{traces_url}?service=gateway&operation=POST%20orders&limit=1")
     if not isinstance(found, dict) or not found.get("traces"):
         return None
@@ -100,8 +103,8 @@ def checkout_trace(traces_url: str) -> list[dict[str, Any]] | None:
         return None
     spans = trace["spans"]
     assert isinstance(spans, list)
-    # gateway, orders, 2 calls, 2 served calls, publish, 3 consumers
-    return spans if len(spans) >= 10 else None
+    # gateway, orders, the saga, its 3 steps, 3 calls, 3 served calls, the outbox relay, 3 consumers
+    return spans if len(spans) >= 16 else None
 
 
 @pytest.fixture
@@ -167,7 +170,9 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         status, declined = call(
             "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "lamp", "quantity": 3}
         )
-        assert status == 402, declined  # 14,700 cents: payments declines, orders says so
+        assert status == 402, declined  # 14,700 cents: payments declines, orders says so (nothing to compensate)
+        status, stored = call("GET", f"{orders}/orders/{order['id']}")
+        assert status == 200 and isinstance(stored, dict) and stored["status"] == "confirmed", stored
         status, unknown = call(
             "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "car", "quantity": 1}
         )
@@ -202,15 +207,67 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         roots = [s for s in spans if s["parent_span_id"] is None]
         assert [(r["service"], r["name"]) for r in roots] == [("gateway", "POST orders")], roots
         assert all(s["parent_span_id"] is None or s["parent_span_id"] in ids for s in spans), "a parent is missing"
-        publish = [s for s in spans if s["name"] == "order.created publish"]
+        # the outbox relays order.created in the request's trace, after the saga's three steps
+        publish = [s for s in spans if s["name"] == "outbox relay order.created"]
         assert len(publish) == 1 and publish[0]["service"] == "orders"
+        (saga,) = [s for s in spans if s["name"] == "saga checkout"]
+        steps = sorted((s for s in spans if s["name"].startswith("saga checkout step ")), key=lambda s: s["start_ns"])
+        assert [s["name"].rsplit(" ", 1)[1] for s in steps] == list(STEPS)
+        assert all(s["parent_span_id"] == saga["span_id"] for s in steps)
+        by_id = {s["span_id"]: s for s in spans}
+        for call_span in (s for s in spans if s["kind"] == "client"):
+            assert by_id[call_span["parent_span_id"]]["name"].startswith("saga checkout step "), call_span
         consumers = [s for s in spans if s["name"] == "order.created process"]
         assert sorted(s["service"] for s in consumers) == ["analytics", "email", "inventory"]
         for consumer in consumers:
             assert consumer["parent_span_id"] == publish[0]["span_id"]
             assert [link["span_id"] for link in consumer["links"]] == [publish[0]["span_id"]]
         calls = {(s["service"], s["name"]) for s in spans if s["kind"] == "client"}
-        assert calls == {("orders", "POST payments"), ("orders", "POST shipping")}
+        assert calls == {("orders", "POST payments"), ("orders", "POST inventory"), ("orders", "POST shipping")}
+
+        # the saga compensates: 5 mugs are charged, then out of stock (3 left), so the charge is refunded
+        status, refused = call(
+            "POST", f"{base}/api/orders", {**body, "sku": "mug", "quantity": 5}, token=token.group(1)
+        )
+        assert status == 409 and "out of stock" in json.dumps(refused), refused
+        shown = re.search(r"│\s*dashboard\s*│\s*│\s*(http://[\d.:]+/?)\s*│", run.output)
+        assert shown is not None, run.output
+        dashboard = shown.group(1).rstrip("/") + "/api"
+        _, compensated = call("GET", f"{dashboard}/sagas?status=compensated")
+        assert isinstance(compensated, dict) and compensated.get("available") is True, compensated
+        # newest first: the mugs, then the lamps that payments declined (a first step: nothing to undo)
+        assert [g["failed_step"] for g in compensated["sagas"]] == ["reserve", "charge"]
+        _, detail = call("GET", f"{dashboard}/sagas/{compensated['sagas'][0]['id']}")
+        assert isinstance(detail, dict)
+        assert [(st["step"], st["phase"], st["status"]) for st in detail["steps"]] == [
+            ("charge", "action", "done"),
+            ("reserve", "action", "failed"),
+            ("charge", "compensation", "done"),
+        ]
+        _, refund = call("GET", f"{urls['payments'][0]}/charges/{detail['results']['charge']['id']}")
+        assert isinstance(refund, dict) and refund["refunded"] is True
+        _, mugs = call("GET", f"{urls['inventory'][0]}/stock/mug")
+        assert isinstance(mugs, dict) and mugs["quantity"] == 3
+
+        # event sourcing: an account is its events, /balances a read model kept by a projection
+        accounts = urls["accounts"][0]
+        status, opened = call("POST", f"{accounts}/accounts", {"owner": "ada", "initial": 1000})
+        assert status == 201 and isinstance(opened, dict), opened
+        status, overdrawn = call("POST", f"{accounts}/accounts/{opened['id']}/withdrawals", {"amount": 5000})
+        assert status == 409 and "insufficient funds" in json.dumps(overdrawn)
+        status, after = call("POST", f"{accounts}/accounts/{opened['id']}/withdrawals", {"amount": 200})
+        assert status == 200 and isinstance(after, dict) and after["balance"] == 800 and after["version"] == 2
+        _, history = call("GET", f"{accounts}/accounts/{opened['id']}/events")
+        assert isinstance(history, list) and [e["type"] for e in history] == ["AccountOpened", "MoneyWithdrawn"]
+        wait_until(
+            lambda: call("GET", f"{accounts}/balances")[1] == [{"id": opened["id"], "owner": "ada", "balance": 800}],
+            "the balances read model",
+            timeout=60,
+            every=0.2,
+        )
+        _, projections = call("GET", f"{dashboard}/projections")
+        assert isinstance(projections, dict)
+        assert [(p["name"], p["lag"]) for p in projections["projections"]] == [("account_balances", 0)]
 
         status, ready = call("GET", f"{urls['payments'][0]}/readyz")
         assert status == 200 and isinstance(ready, dict) and ready["ready"] is True

@@ -1,23 +1,96 @@
-"""orders: takes an order, charges it (payments), ships it (shipping), and announces ``order.created``."""
+"""orders: takes an order and runs the checkout saga (payments.charge -> inventory.reserve -> shipping.schedule).
+
+The order row and the ``order.created`` message commit in one transaction (the transactional outbox), so the
+message goes out if and only if the order is confirmed, even if the process dies right after the commit. When a
+step of the saga fails, the steps before it are undone in reverse order (a reservation released, a charge refunded)
+and the order is cancelled.
+"""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
 from meshkit import Service
-from shop.store import Store
+from meshkit.errors import SagaFailed
+from meshkit.saga import Saga, SagaContext, Step
 
 service = Service("orders", version="1.0.0")
 payments = service.client("payments")
+inventory = service.client("inventory")
 shipping = service.client("shipping")
-store = Store(
-    "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, customer TEXT, email TEXT, sku TEXT, quantity INT,"
-    " total INT, charge TEXT, shipment TEXT)"
-).attach(service, "orders.db")
-PRICES = {"book": 1_500, "pen": 200, "lamp": 4_900}  # cents
+outbox = service.outbox  # declared: its relay runs from the service's start
+PRICES = {"book": 1_500, "pen": 200, "lamp": 4_900, "mug": 900}  # cents
+
+
+@service.on_start
+async def create_tables() -> None:
+    await service.database.execute(
+        "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, customer TEXT, email TEXT, sku TEXT,"
+        " quantity BIGINT, total BIGINT, status TEXT, charge TEXT, shipment TEXT, reason TEXT)"
+    )
+
+
+# -- the checkout saga: each step is one local transaction in another service, with its compensation ----------------
+# The saga id (the order id) is every call's Idempotency-Key: a step re-run after a crash is answered, not repeated.
+
+
+async def charge(ctx: SagaContext) -> dict[str, Any]:
+    body = {"customer": ctx.data["customer"], "amount": ctx.data["total"]}
+    response = await payments.post("/charges", json=body, headers={"Idempotency-Key": ctx.saga_id})
+    if response.status != 201:
+        raise StepRefused(402, f"payment failed: {response.json().get('detail', response.status)}")
+    return {"id": response.json()["id"]}
+
+
+async def refund(ctx: SagaContext) -> None:
+    (await payments.post(f"/charges/{ctx.results['charge']['id']}/refund")).raise_for_status()
+
+
+async def reserve(ctx: SagaContext) -> dict[str, Any]:
+    body = {"order": ctx.saga_id, "sku": ctx.data["sku"], "quantity": ctx.data["quantity"]}
+    response = await inventory.post("/reservations", json=body)
+    if response.status != 201:
+        raise StepRefused(409, f"out of stock: {response.json().get('detail', response.status)}")
+    return {"order": ctx.saga_id}
+
+
+async def release(ctx: SagaContext) -> None:
+    (await inventory.delete(f"/reservations/{ctx.saga_id}")).raise_for_status()
+
+
+async def schedule(ctx: SagaContext) -> dict[str, Any]:
+    body = {"sku": ctx.data["sku"], "quantity": ctx.data["quantity"]}
+    response = await shipping.post("/shipments", json=body, headers={"Idempotency-Key": ctx.saga_id})
+    response.raise_for_status()
+    return {"id": response.json()["id"]}
+
+
+checkout = service.saga(
+    Saga(
+        "checkout",
+        [
+            Step("charge", charge, compensate=refund),
+            Step("reserve", reserve, compensate=release),
+            Step("schedule", schedule),
+        ],
+    )
+)
+
+
+class StepRefused(Exception):
+    """A step's service said no (the saga compensates; the order's answer carries ``status``)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# -- the API -----------------------------------------------------------------------------------------------------
 
 
 class OrderIn(BaseModel):
@@ -33,50 +106,46 @@ async def create_order(order: OrderIn) -> dict[str, object]:
         raise HTTPException(404, f"unknown sku {order.sku!r}; we sell {', '.join(PRICES)}")
     order_id = uuid.uuid4().hex[:12]
     total = PRICES[order.sku] * order.quantity
-    # the Idempotency-Key makes these POSTs safe to retry on another instance (the client does, they dedup)
-    charge = await payments.post(
-        "/charges", json={"customer": order.customer, "amount": total}, headers={"Idempotency-Key": order_id}
+    await service.database.execute(
+        "INSERT INTO orders (id, customer, email, sku, quantity, total, status) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+        order_id,
+        order.customer,
+        order.email,
+        order.sku,
+        order.quantity,
+        total,
     )
-    if charge.status != 201:
-        raise HTTPException(402, f"payment failed: {charge.json().get('detail', charge.status)}")
-    shipment = await shipping.post(
-        "/shipments", json={"sku": order.sku, "quantity": order.quantity}, headers={"Idempotency-Key": order_id}
-    )
-    shipment.raise_for_status()
-    await store.run(
-        "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
+    data = {"customer": order.customer, "sku": order.sku, "quantity": order.quantity, "total": total}
+    try:
+        done = await service.sagas.run(checkout, data, saga_id=order_id)
+    except SagaFailed as failed:
+        refused = failed.__cause__ if isinstance(failed.__cause__, StepRefused) else None
+        async with outbox.transaction() as tx:
+            await tx.execute("UPDATE orders SET status = 'cancelled', reason = ? WHERE id = ?", failed.reason, order_id)
+            tx.publish("order.cancelled", {"id": order_id, "reason": failed.reason, "step": failed.step}, key=order_id)
+        raise HTTPException(refused.status if refused else 502, refused.detail if refused else str(failed)) from None
+    charge_id, shipment_id = done.results["charge"]["id"], done.results["schedule"]["id"]
+    async with outbox.transaction() as tx:  # the confirmation and its announcement commit together
+        await tx.execute(
+            "UPDATE orders SET status = 'confirmed', charge = ?, shipment = ? WHERE id = ?",
+            charge_id,
+            shipment_id,
             order_id,
-            order.customer,
-            order.email,
-            order.sku,
-            order.quantity,
-            total,
-            charge.json()["id"],
-            shipment.json()["id"],
-        ),
-    )
-    await service.publish(
-        "order.created",
-        {
-            "id": order_id,
-            "customer": order.customer,
-            "email": order.email,
-            "sku": order.sku,
-            "quantity": order.quantity,
-            "total": total,
-        },
-        key=order_id,
-    )
-    return {"id": order_id, "total": total, "charge": charge.json()["id"], "shipment": shipment.json()["id"]}
+        )
+        tx.publish(
+            "order.created",
+            {"id": order_id, "email": order.email, **data},
+            key=order_id,
+        )
+    return {"id": order_id, "total": total, "charge": charge_id, "shipment": shipment_id, "status": "confirmed"}
 
 
 @service.http.get("/orders/{order_id}")
 async def get_order(order_id: str) -> dict[str, object]:
-    rows = await store.run(
-        "SELECT id, customer, sku, quantity, total, charge, shipment FROM orders WHERE id = ?", (order_id,)
+    row = await service.database.fetchone(
+        "SELECT id, customer, sku, quantity, total, charge, shipment, status FROM orders WHERE id = ?", order_id
     )
-    if not rows:
+    if row is None:
         raise HTTPException(404, "no such order")
-    keys = ("id", "customer", "sku", "quantity", "total", "charge", "shipment")
-    return dict(zip(keys, rows[0], strict=True))
+    keys = ("id", "customer", "sku", "quantity", "total", "charge", "shipment", "status")
+    return dict(zip(keys, row, strict=True))

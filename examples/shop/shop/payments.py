@@ -12,7 +12,8 @@ from shop.store import Store
 
 service = Service("payments", version="1.0.0")
 store = Store(
-    "CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, idem TEXT UNIQUE, customer TEXT, amount INT)"
+    "CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, idem TEXT UNIQUE, customer TEXT, amount INT);"
+    "CREATE TABLE IF NOT EXISTS refunds (charge_id TEXT PRIMARY KEY);"
 ).attach(service, "payments.db")
 LIMIT = 10_000  # cents: larger charges are declined
 
@@ -38,9 +39,22 @@ async def charge(body: Charge, idempotency_key: str | None = Header(default=None
     return {"id": charge_id, "amount": body.amount, "customer": body.customer}
 
 
-@service.http.get("/charges/{charge_id}")
-async def get_charge(charge_id: str) -> dict[str, object]:
-    rows = await store.run("SELECT id, customer, amount FROM charges WHERE id = ?", (charge_id,))
+@service.http.post("/charges/{charge_id}/refund")
+async def refund(charge_id: str) -> dict[str, object]:
+    """Give a charge back (the checkout saga's compensation): refunding twice refunds once."""
+    rows = await store.run("SELECT amount FROM charges WHERE id = ?", (charge_id,))
     if not rows:
         raise HTTPException(404, "no such charge")
-    return {"id": rows[0][0], "customer": rows[0][1], "amount": rows[0][2]}
+    await store.run("INSERT OR IGNORE INTO refunds VALUES (?)", (charge_id,))
+    return {"id": charge_id, "refunded": rows[0][0]}
+
+
+@service.http.get("/charges/{charge_id}")
+async def get_charge(charge_id: str) -> dict[str, object]:
+    rows = await store.run(
+        "SELECT id, customer, amount, EXISTS (SELECT 1 FROM refunds WHERE charge_id = id) FROM charges WHERE id = ?",
+        (charge_id,),
+    )
+    if not rows:
+        raise HTTPException(404, "no such charge")
+    return {"id": rows[0][0], "customer": rows[0][1], "amount": rows[0][2], "refunded": bool(rows[0][3])}

@@ -49,6 +49,25 @@ class Store:
         if db is not None:
             await asyncio.to_thread(db.close)
 
+    async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Several statements in one transaction; returns how many rows the first one changed."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("the store is not open")
+
+        def run() -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [db.execute(sql, params).rowcount for sql, params in statements]
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return counts[0]
+
+        async with self._lock:
+            return await asyncio.to_thread(run)
+
     async def run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement in its own transaction (the replicas of a service share the file)."""
         db = self._db

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from meshkit._core.clock import Clock, MonotonicClock
 from meshkit._core.optional import require
 from meshkit._version import __version__
+from meshkit.dashboard._data import SAGA_STATUSES, DataSource
 from meshkit.dashboard._logs import LogBuffer
 from meshkit.dashboard._model import ServiceInfo, TraceTree, topology
 from meshkit.dashboard._openapi import OpenApiCache
@@ -131,6 +132,7 @@ class DashboardApp:
         dlq_limit: int = 1000,
         audit_size: int = 1000,
         audit_path: Path | None = None,
+        data: DataSource | None = None,
     ) -> None:
         if dlq_limit < 1 or audit_size < 1 or topology_sample < 0:
             raise ValueError("dlq_limit and audit_size must be at least 1, topology_sample at least 0")
@@ -138,6 +140,7 @@ class DashboardApp:
         self.registry = registry
         self.broker = broker
         self.logs = logs
+        self.data = data
         self.clock = clock or MonotonicClock()
         self.title = title
         self._services_source = services
@@ -208,6 +211,9 @@ class DashboardApp:
             route("/api/messaging/{topic:path}/dlq/discard", api(self._discard), methods=["POST"]),
             route("/api/audit", api(self._audit_api)),
             route("/api/logs", api(self._logs_api)),
+            route("/api/sagas", api(self._sagas_api)),
+            route("/api/sagas/{saga_id}", api(self._saga_api)),
+            route("/api/projections", api(self._projections_api)),
         ]
         return applications.Starlette(
             routes=routes,
@@ -308,6 +314,7 @@ class DashboardApp:
                 "broker": self.broker is not None,
                 "resilience": self._resilience is not None,
                 "logs": self.logs is not None,
+                "data": self.data is not None,
             },
         }
 
@@ -438,6 +445,31 @@ class DashboardApp:
             "rejections": list(got.get("rejections", ())),
             "errors": list(got.get("errors", ())),
         }
+
+    # -- sagas and projections ---------------------------------------------------------------------------------------
+
+    async def _sagas_api(self, request: Request) -> dict[str, Any]:
+        q = request.query_params
+        status = q.get("status") or None
+        if status is not None and status not in SAGA_STATUSES:
+            raise _ApiError(400, f"unknown saga status {status!r}; one of {', '.join(SAGA_STATUSES)}")
+        limit = _int_param(q, "limit", 100, 1, 1000)
+        if self.data is None:
+            return {"available": False, "sagas": []}
+        found = await self.data.sagas(status=status, name=q.get("name") or None, limit=limit)
+        return {"available": True, "sagas": found}
+
+    async def _saga_api(self, request: Request) -> dict[str, Any]:
+        saga_id = request.path_params["saga_id"]
+        found = await self.data.saga(saga_id) if self.data is not None else None
+        if found is None:
+            raise _ApiError(404, f"no saga {saga_id!r}")
+        return found
+
+    async def _projections_api(self, request: Request) -> dict[str, Any]:
+        if self.data is None:
+            return {"available": False, "projections": []}
+        return {"available": True, "projections": await self.data.projections()}
 
     # -- messaging -------------------------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ async def run_child(folder: str, name: str, host: str, port: int, replica: int, 
                 instance_id=f"{replica}-{os.getpid()}",
                 metadata={"mode": "processes", "replica": str(replica), "pid": str(os.getpid())},
                 tracer=tracing.tracer(name),
+                database_url=system.database_url(),
             )
             sock = bind(host, port) if fd is None else _inherited(fd)
             served = await bring_up(service, ctx, host, sock)

@@ -55,6 +55,7 @@ async def run_monolith(
                         data_dir=system.data_dir(service.name),
                         metadata={"mode": "monolith"},
                         tracer=tracing.tracer(service.name),
+                        database_url=system.database_url(),
                     )
                     served.append(await bring_up(service, ctx, host, bind(host, entry.port or 0)))
                 started = time.time()
@@ -74,6 +75,7 @@ async def run_monolith(
                         resilience=resilience,
                         logs=logs,
                         audit_path=system.audit_file,
+                        database_url=system.database_url(),
                     ) as dashboard,
                 ):
                     if on_ready is not None:

@@ -16,10 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from meshkit._core.database import connect_database
 from meshkit._core.optional import require
 from meshkit._core.serving import bind, serve_asgi
+from meshkit._core.urls import redact
 from meshkit.client import ServiceClient
 from meshkit.discovery import Instance, Registry
+from meshkit.errors import MeshkitError
 from meshkit.messaging import Broker
 from meshkit.runner.system import System
 from meshkit.runtime import Service
@@ -129,6 +132,7 @@ async def system_dashboard(
     resilience: Callable[[], Awaitable[ResilienceReport]] | None,
     logs: Any,
     audit_path: Path | None = None,
+    database_url: str | None = None,
 ) -> AsyncIterator[str | None]:
     """Serve the dashboard (its URL; ``None`` without the built-in collector's store, which it reads traces from)
     for the duration of the block. Its dead-letter audit is kept in ``audit_path`` (the runner's
@@ -136,8 +140,14 @@ async def system_dashboard(
     if tracing.store is None:
         yield None
         return
-    from meshkit.dashboard import DashboardApp  # noqa: PLC0415 - the web framework loads only when needed
+    from meshkit.dashboard import DashboardApp, DataSource  # noqa: PLC0415 - the web framework loads when needed
 
+    database = None
+    if database_url is not None:
+        try:
+            database = await connect_database(database_url)
+        except MeshkitError as exc:  # the dashboard still shows everything else
+            log.warning("the dashboard cannot read sagas and projections: %s", exc, extra={"url": redact(database_url)})
     app = DashboardApp(
         tracing.store,
         registry=registry,
@@ -146,12 +156,17 @@ async def system_dashboard(
         resilience=resilience,
         logs=logs,
         audit_path=audit_path,
+        data=DataSource(database) if database is not None else None,
     )
-    serving = await serve_asgi(app, bind(host, 0, what="the dashboard"), "the dashboard", lifespan="on")
     try:
-        yield serving.url
+        serving = await serve_asgi(app, bind(host, 0, what="the dashboard"), "the dashboard", lifespan="on")
+        try:
+            yield serving.url
+        finally:
+            await serving.aclose()
     finally:
-        await serving.aclose()
+        if database is not None:
+            await database.aclose()
 
 
 class GatewayPolicies:

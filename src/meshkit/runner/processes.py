@@ -271,6 +271,7 @@ class Supervisor:
                         resilience=resilience,
                         logs=self.logs,
                         audit_path=self.system.audit_file,
+                        database_url=self.system.database_url(),
                     ) as dashboard,
                 ):
                     if on_ready is not None:

@@ -12,7 +12,8 @@
 
 Defaults: processes mode uses the settings' broker and registry (SQLite files under ``.meshkit/`` of the folder,
 shared by the processes); monolith mode uses ``memory://`` for both unless ``meshkit.toml`` or ``MESHKIT_*``
-sets them. Each service keeps its files in ``.meshkit/data/<service>/``.
+sets them. Each service keeps its files in ``.meshkit/data/<service>/``; the data patterns (outbox, sagas, event store,
+read models) of every service share ``[database] url``, by default ``sqlite:///.meshkit/data.db`` in both modes.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class System:
 
     def registry_url(self, mode: Mode) -> str:
         return self._url("registry.url", self.settings.registry.url, mode)
+
+    def database_url(self) -> str:
+        """The database of the services' outbox, sagas, event store and read models (``[database] url``): the
+        embedded SQLite file under ``.meshkit/`` by default, in either mode (several processes share it)."""
+        return anchored(self.settings.database.url, self.folder)
 
     def load(self, name: str) -> Service:
         """Import the service ``name`` (``module:attribute`` from its entry), with the folder importable."""

@@ -32,17 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from meshkit._core.database import Database, connect_database
 from meshkit._core.optional import require
 from meshkit.client import ClientOptions, Response, ServiceClient, Transport
 from meshkit.discovery import Instance, Lease, Registry
 from meshkit.errors import ConfigurationError, MissingDependency
 from meshkit.messaging import Broker, Message, Subscription, SubscriptionOptions
+from meshkit.runtime.data import DataPatterns, EventsHandle, OutboxHandle, ProjectionsHandle, SagasHandle
 from meshkit.runtime.metrics import DLQ_COUNT_LIMIT, PolicyLog, ServiceMetrics, client_policies, client_watches
 from meshkit.tracing import TRACE_HEADERS, extracted
 from meshkit.tracing.spans import current_links, server_span, span, status_code_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from meshkit.projections import Projection
+    from meshkit.saga import Saga
 
 __all__ = ["RESILIENCE_PATH", "Downstream", "RunContext", "Service"]
 
@@ -75,6 +80,9 @@ class RunContext:
     client_options: ClientOptions | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)  # added to the instance's (e.g. mode, replica)
     tracer: Any = None  # an OpenTelemetry tracer of this service (meshkit.tracing.provider); None: no spans
+    # the database of the service's outbox, sagas, event store and projections (opened only if it declares one);
+    # None: the file data.db in data_dir
+    database_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,8 @@ class Service:
         self._metrics: ServiceMetrics | None = None
         self._policies = PolicyLog()  # its clients' breaker transitions and rejections, for resilience_report()
         self._unwatch: list[Callable[[], None]] = []
+        self._data = DataPatterns(name)
+        self._database: Database | None = None
         self.asgi: ASGIApp = self._serve
 
     # -- declaring -------------------------------------------------------------------------------------------------
@@ -235,6 +245,67 @@ class Service:
 
         return register
 
+    # -- data patterns (meshkit.runtime.data) ------------------------------------------------------------------------
+
+    @property
+    def outbox(self) -> OutboxHandle:
+        """The transactional outbox: ``async with service.outbox.transaction() as tx:`` business rows and
+        ``tx.publish(...)`` commit together, and the relay publishes after the commit. Naming it at import time
+        declares it, so the relay runs from the service's start (and relays what a crash left)."""
+        if self._data.outbox is None:
+            if self._ctx is not None:
+                raise self._data.late("service.outbox")
+            self._data.outbox = OutboxHandle(self.name)
+        return self._data.outbox
+
+    def saga(self, saga: Saga) -> Saga:
+        """Declare an orchestrated saga this service runs (``await service.sagas.run(saga, data)``); the service
+        recovers the ones a crash interrupted when it starts."""
+        return self.sagas.declare(saga)
+
+    @property
+    def sagas(self) -> SagasHandle:
+        """Runs this service's sagas (see :meth:`saga`)."""
+        if self._data.sagas is None:
+            if self._ctx is not None:
+                raise self._data.late("service.saga(...)")
+            self._data.sagas = SagasHandle(self.name)
+        return self._data.sagas
+
+    @property
+    def events(self) -> EventsHandle:
+        """The event store (append, load, snapshots, ``repository(Aggregate)``)."""
+        if self._data.events is None:
+            if self._ctx is not None:
+                raise self._data.late("service.events")
+            self._data.events = EventsHandle(self.name)
+        return self._data.events
+
+    def projection(self, projection: Projection) -> Projection:
+        """Declare a read model this service keeps up to date from the event store."""
+        return self.projections.declare(projection)
+
+    @property
+    def projections(self) -> ProjectionsHandle:
+        """The service's projections: their status, and waiting for them to catch up."""
+        if self._data.projections is None:
+            if self._ctx is not None:
+                raise self._data.late("service.projection(...)")
+            self._data.projections = ProjectionsHandle(self.name)
+        return self._data.projections
+
+    @property
+    def database(self) -> Database:
+        """The database of the service's data patterns, for its own tables too (open while the service runs, when
+        it declares an outbox, a saga, the event store or a projection)."""
+        if self._database is None:
+            raise ConfigurationError(
+                f"service {self.name!r} has no database open",
+                hint="it is open while the service runs, when it declares service.outbox, a saga, service.events or"
+                " a projection",
+            )
+        return self._database
+
     # -- while running ---------------------------------------------------------------------------------------------
 
     @property
@@ -296,8 +367,13 @@ class Service:
         watched = client_watches("", self._clients())
         self._unwatch = [self._policies.watch(key, policy) for key, policy in watched]
         try:
+            if self._data.declared:
+                url = ctx.database_url or f"sqlite:///{ctx.data_dir / 'data.db'}"
+                self._database = await connect_database(url)
             for hook in self._on_start:
                 await hook()
+            if self._database is not None:
+                await self._data.start(self._database, ctx.broker, ctx.tracer)
             self._metrics = _metrics_for(self.name)
             if self._metrics is not None:
                 self._metrics.breakers = self._breaker_states
@@ -353,6 +429,16 @@ class Service:
                     await hook()
                 except Exception:
                     log.exception("an on_stop hook failed", extra={"service": self.name})
+        try:
+            await self._data.stop()
+        except Exception:
+            log.exception("a data pattern did not stop cleanly", extra={"service": self.name})
+        database, self._database = self._database, None
+        if database is not None:
+            try:
+                await database.aclose()
+            except Exception:
+                log.exception("the database did not close cleanly", extra={"service": self.name})
         unwatch, self._unwatch = self._unwatch, []
         for stop_watching in unwatch:
             stop_watching()
@@ -371,6 +457,13 @@ class Service:
         report["registered"] = "ok" if self._lease is not None and not self._stopping else "not registered"
         if self._ctx is not None:
             report["broker"] = "ok" if not self._ctx.broker.closed else "closed"
+        if self._database is not None:
+            try:
+                await asyncio.wait_for(self._database.fetch("SELECT 1"), timeout=5.0)
+            except Exception as exc:
+                report["database"] = f"{type(exc).__name__}: {exc}"
+            else:
+                report["database"] = "ok"
         for name, check in self._checks.items():
             try:
                 await asyncio.wait_for(check(), timeout=5.0)

@@ -246,6 +246,7 @@
     topology: topologyPage,
     resilience: resiliencePage,
     messaging: messagingPage,
+    data: dataPage,
     logs: logsPage,
   };
 
@@ -1790,6 +1791,151 @@
     every(1000, () => {
       if (follow.checked) poll(false);
     });
+  }
+
+  // -- data: sagas and projections -------------------------------------------------------------------------------
+
+  function statusBadge(status) {
+    const name = String(status ?? "unknown").replace(/[^a-z_]/g, "_");
+    return h("span", { class: `badge saga-${name}` }, name);
+  }
+
+  function dataPage(view, token, rest, params) {
+    if (rest[0] === "sagas" && rest[1]) {
+      sagaPage(view, token, rest[1]);
+      return;
+    }
+    const status = h(
+      "select",
+      { id: "saga-status", "aria-label": "saga status" },
+      ["", "running", "compensating", "completed", "compensated", "failed"].map((v) =>
+        h("option", { value: v, selected: v === (params.get("status") || "") }, v || "any status"),
+      ),
+    );
+    const sagaBody = h("tbody");
+    const sagas = h(
+      "table",
+      { id: "sagas-table", class: "grid" },
+      h("thead", {}, h("tr", {}, ["Saga", "Id", "Owner", "Status", "Failed step", "Started", "Updated"].map((t) => h("th", {}, t)))),
+      sagaBody,
+    );
+    const projectionBody = h("tbody");
+    const projections = h(
+      "table",
+      { id: "projections-table", class: "grid" },
+      h("thead", {}, h("tr", {}, ["Projection", "Position", "Head", "Lag", "Updated", "Error"].map((t) => h("th", {}, t)))),
+      projectionBody,
+    );
+    const problem = h("div");
+    view.append(
+      h("h1", {}, "Sagas and projections"),
+      problem,
+      h("h2", {}, "Sagas"),
+      h("form", { class: "filters" }, h("label", {}, "Status ", status)),
+      sagas,
+      h("h2", {}, "Projections (read models)"),
+      projections,
+    );
+
+    function renderSagas(data) {
+      if (!data.available) {
+        sagaBody.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "The runner gave the dashboard no database.")));
+        return;
+      }
+      sagaBody.replaceChildren(
+        ...data.sagas.map((g) =>
+          h(
+            "tr",
+            { class: "saga-row", dataset: { id: g.id, status: g.status } },
+            h("td", {}, h("strong", {}, g.name)),
+            h("td", { class: "mono" }, h("a", { href: `#/data/sagas/${enc(g.id)}` }, g.id)),
+            h("td", {}, g.owner),
+            h("td", {}, statusBadge(g.status)),
+            h("td", {}, g.failed_step || "–"),
+            h("td", { class: "muted" }, fmtTime(g.created)),
+            h("td", { class: "muted" }, fmtTime(g.updated)),
+          ),
+        ),
+      );
+      if (!data.sagas.length) sagaBody.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No sagas yet.")));
+    }
+
+    function renderProjections(data) {
+      if (!data.available) {
+        projectionBody.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "The runner gave the dashboard no database.")));
+        return;
+      }
+      projectionBody.replaceChildren(
+        ...data.projections.map((p) =>
+          h(
+            "tr",
+            { class: `projection-row${p.error ? " has-error" : ""}`, dataset: { name: p.name } },
+            h("td", {}, h("strong", {}, p.name)),
+            h("td", { class: "num" }, String(p.position)),
+            h("td", { class: "num" }, String(p.head)),
+            h("td", { class: "num" }, h("span", { class: `badge ${p.lag ? "lag-behind" : "lag-none"}` }, String(p.lag))),
+            h("td", { class: "muted" }, p.updated ? fmtTime(p.updated) : "–"),
+            h("td", {}, p.error ? h("span", { class: "error-text" }, p.error) : "–"),
+          ),
+        ),
+      );
+      if (!data.projections.length) projectionBody.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No projections yet.")));
+    }
+
+    const loadSagas = poll(token, problem, () => `sagas${query({ status: status.value })}`, renderSagas, 2000);
+    poll(token, problem, () => "projections", renderProjections, 2000);
+    status.addEventListener("change", () => {
+      history.replaceState(null, "", `#/data${query({ status: status.value })}`);
+      loadSagas();
+    });
+  }
+
+  function sagaPage(view, token, id) {
+    const problem = h("div");
+    const summary = h("dl", { id: "saga-summary", class: "details" });
+    const stepBody = h("tbody");
+    const steps = h(
+      "table",
+      { id: "saga-steps", class: "grid" },
+      h("thead", {}, h("tr", {}, ["Step", "Phase", "Status", "Started", "Took", "Error"].map((t) => h("th", {}, t)))),
+      stepBody,
+    );
+    const data = h("pre", { id: "saga-data", class: "mono" });
+    view.append(h("p", {}, h("a", { href: "#/data" }, "← sagas and projections")), h("h1", {}, `Saga ${id}`), problem, summary, h("h2", {}, "Steps"), steps, h("h2", {}, "Data and results"), data);
+
+    poll(
+      token,
+      problem,
+      () => `sagas/${enc(id)}`,
+      (g) => {
+        const pairs = [
+          ["Saga", g.name],
+          ["Owner", g.owner],
+          ["Status", statusBadge(g.status)],
+          ["Failed step", g.failed_step || "–"],
+          ["Error", g.error || "–"],
+          ["Started", fmtTime(g.created)],
+          ["Updated", fmtTime(g.updated)],
+        ];
+        summary.replaceChildren(...pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+        stepBody.replaceChildren(
+          ...g.steps.map((st) =>
+            h(
+              "tr",
+              { class: "saga-step", dataset: { step: st.step, phase: st.phase, status: st.status } },
+              h("td", {}, h("strong", {}, st.step)),
+              h("td", {}, st.phase),
+              h("td", {}, statusBadge(st.status)),
+              h("td", { class: "muted" }, fmtTime(st.started)),
+              h("td", { class: "num" }, st.ended ? fmtDuration((st.ended - st.started) * 1e9) : "–"),
+              h("td", {}, st.error ? h("span", { class: "error-text" }, st.error) : "–"),
+            ),
+          ),
+        );
+        data.textContent = JSON.stringify({ data: g.data, results: g.results }, null, 2);
+      },
+      2000,
+    );
   }
 
   // -- start -----------------------------------------------------------------------------------------------------
