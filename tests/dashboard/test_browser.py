@@ -46,6 +46,10 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
         assert call("POST", f"{gateway}/api/orders", good, token=token.group(1))[0] == 201
         broken = {**good, "email": "not-an-address"}  # email's handler gives up on it: a dead letter
         assert call("POST", f"{gateway}/api/orders", broken, token=token.group(1))[0] == 201
+        mugs = {**good, "sku": "mug", "quantity": 5}  # charged, then out of stock: the checkout saga compensates
+        assert call("POST", f"{gateway}/api/orders", mugs, token=token.group(1))[0] == 409
+        status, account = call("POST", f"{run.urls()['accounts'][0]}/accounts", {"owner": "ada", "initial": 100})
+        assert status == 201 and isinstance(account, dict)
 
         def dead_letters() -> int:
             _, data = call("GET", f"{dashboard}/api/messaging")
@@ -82,10 +86,14 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             await page.goto(f"{dashboard}/#/traces")
             await page.wait_for_selector("#trace-list .trace-row")
             await page.screenshot(path=str(shots / "traces.png"), full_page=True)
-            await page.click("#trace-list .trace-row")
+            # the good checkout (newer traces are the accounts call and the compensated checkout)
+            _, found = call("GET", f"{dashboard}/api/traces?service=gateway&operation=POST%20orders&limit=10")
+            assert isinstance(found, dict)
+            checkout = max((t for t in found["traces"] if not t["error_count"]), key=lambda t: t["span_count"])
+            await page.goto(f"{dashboard}/#/traces/{checkout['trace_id']}")
             await page.wait_for_selector("#waterfall .span-row")
             rows = await page.locator("#waterfall .span-row").count()
-            assert rows >= 10, rows  # gateway, orders, calls, served calls, publish, consumers
+            assert rows >= 16, rows  # gateway, orders, the saga and its steps, calls, served calls, relay, consumers
             await page.wait_for_selector("#flamechart")
             # the flame chart drew something: its canvas is not blank
             painted = await page.evaluate(
@@ -120,10 +128,28 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             client = '#resilience-table .breaker-row[data-kind="client"][data-service="orders"]'
             await page.wait_for_selector(client)
             names = sorted(await page.locator(client).evaluate_all("rows => rows.map(r => r.dataset.name)"))
-            assert names == ["payments", "shipping"], names
-            assert await page.locator(f"{client}[data-state='closed']").count() == 2
+            assert names == ["inventory", "payments", "shipping"], names
+            assert await page.locator(f"{client}[data-state='closed']").count() == 3
             assert await page.locator('#rejections-table .rejection-row[data-kind="rate_limited"]').count() >= 1
             await page.screenshot(path=str(shots / "resilience.png"), full_page=True)
+
+            # the checkout sagas, the compensated one's step log, and the accounts' projection
+            await page.goto(f"{dashboard}/#/data")
+            await page.wait_for_selector('#sagas-table .saga-row[data-status="completed"]')
+            await page.wait_for_selector('#projections-table .projection-row[data-name="account_balances"]')
+            await page.screenshot(path=str(shots / "sagas.png"), full_page=True)
+            await page.locator('#sagas-table .saga-row[data-status="compensated"] a').first.click()
+            await page.wait_for_selector('#saga-steps .saga-step[data-phase="compensation"]')
+            steps = await page.locator("#saga-steps .saga-step").evaluate_all(
+                "rows => rows.map(r => [r.dataset.step, r.dataset.phase, r.dataset.status])"
+            )
+            assert steps == [
+                ["charge", "action", "done"],
+                ["reserve", "action", "failed"],
+                ["charge", "compensation", "done"],
+            ]
+            assert "out of stock" in await page.inner_text("#saga-summary")
+            await page.screenshot(path=str(shots / "saga.png"), full_page=True)
 
             await page.goto(f"{dashboard}/#/messaging")
             await page.wait_for_selector('#messaging-table .topic-row[data-topic="order.created"] .lag')
@@ -148,5 +174,5 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
         code = run.stop()
     assert code == 0, run.output
     assert "Traceback" not in run.output, run.output
-    for name in ("services", "traces", "trace", "topology", "resilience", "dead-letters", "replayed"):
+    for name in ("services", "traces", "trace", "topology", "resilience", "sagas", "saga", "dead-letters", "replayed"):
         assert (shots / f"{name}.png").stat().st_size > 5000
