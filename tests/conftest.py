@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from meshkit import Database, connect_database
 from tests.databases import fresh_database_url
 
 
@@ -19,3 +20,11 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     """An empty database of each kind the data patterns run on (SQLite, and PostgreSQL on the local server)."""
     async with fresh_database_url(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """A connection to each kind of :func:`database_url`, closed after the test."""
+    db = await connect_database(database_url)
+    yield db
+    await db.aclose()

@@ -3,11 +3,9 @@ PostgreSQL databases, written by a real saga orchestrator and a real projector (
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from meshkit import Database, Transaction, connect_database
+from meshkit import Database, Transaction
 from meshkit.dashboard import DashboardApp, DataSource
 from meshkit.errors import SagaFailed
 from meshkit.eventsourcing import EventStore, NewEvent, RecordedEvent
@@ -19,13 +17,6 @@ from meshkit.tracing.collector import TraceStore
 from .asgi import call, get_json
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    db = await connect_database(database_url)
-    yield db
-    await db.aclose()
 
 
 async def test_an_empty_database_shows_empty_lists(store: TraceStore, database: Database) -> None:

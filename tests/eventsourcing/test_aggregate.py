@@ -3,24 +3,16 @@ load used one)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from meshkit._core.database import Database, connect_database
+from meshkit._core.database import Database
 from meshkit.errors import WrongExpectedVersion
 from meshkit.eventsourcing import Aggregate, Event, EventStore, Repository
 from tests.eventsourcing.accounts import Account, AccountClosed, InsufficientFunds
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    db = await connect_database(database_url)
-    yield db
-    await db.aclose()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -20,13 +20,6 @@ from meshkit.eventsourcing import EventStore, NewEvent, RecordedEvent
 from meshkit.tracing.spans import provider
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    db = await connect_database(database_url)
-    yield db
-    await db.aclose()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -58,13 +57,6 @@ def deposited(amount: int) -> NewEvent:
 
 def withdrawn(amount: int) -> NewEvent:
     return NewEvent("MoneyWithdrawn", {"amount": amount})
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    db = await connect_database(database_url)
-    yield db
-    await db.aclose()
 
 
 @pytest.fixture
