@@ -126,3 +126,54 @@ async def test_an_unreachable_server_hides_its_password() -> None:
 def test_placeholders_are_numbered_outside_quotes() -> None:
     assert to_numbered("SELECT ? , '?', \"a?\", ?") == "SELECT $1 , '?', \"a?\", $2"
     assert to_numbered("SELECT 1") == "SELECT 1"
+
+
+async def test_errors_of_the_block_itself_go_through_unmapped(database_url: str) -> None:
+    db = await connect_database(database_url)
+    try:
+
+        async def failing_call_inside() -> None:
+            async with db.transaction() as tx:
+                await tx.fetch("SELECT 1")
+                raise ConnectionRefusedError("the payments service refused")  # an OSError, not the database's
+
+        with pytest.raises(ConnectionRefusedError, match="payments"):
+            await failing_call_inside()
+        assert await db.fetch("SELECT 1") == [(1,)]  # and the connection went back in a usable state
+    finally:
+        await db.aclose()
+
+
+async def test_a_second_transaction_in_the_same_task_is_refused_not_a_deadlock(database_url: str) -> None:
+    db = await connect_database(
+        f"{database_url}?pool_size=1" if database_url.startswith("postgresql") else database_url
+    )
+    try:
+        async with db.transaction() as tx:
+            await tx.fetch("SELECT 1")
+            with pytest.raises(ConfigurationError, match="already open in this task") as info:
+                await db.fetch("SELECT 1")
+            assert info.value.hint is not None and "tx." in info.value.hint
+
+            async def elsewhere() -> list[tuple[object, ...]]:  # another task waits its turn instead
+                return await db.fetch("SELECT 2")
+
+            other = asyncio.create_task(elsewhere())
+        assert await other == [(2,)]
+    finally:
+        await db.aclose()
+
+
+async def test_processes_starting_together_on_a_new_file_all_migrate(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    databases = [await connect_database(url) for _ in range(8)]
+    try:
+        schema = "".join(
+            f"CREATE TABLE IF NOT EXISTS t{n} (id TEXT PRIMARY KEY, note TEXT DEFAULT ';');" for n in range(30)
+        )
+        await asyncio.gather(*(db.migrate({"sqlite": schema}) for db in databases))
+        rows = await databases[0].fetch("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+        assert rows == [(30,)]
+    finally:
+        for db in databases:
+            await db.aclose()

@@ -93,7 +93,7 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
             await page.goto(f"{dashboard}/#/traces/{checkout['trace_id']}")
             await page.wait_for_selector("#waterfall .span-row")
             rows = await page.locator("#waterfall .span-row").count()
-            assert rows >= 16, rows  # gateway, orders, the saga and its steps, calls, served calls, relay, consumers
+            assert rows >= 18, rows  # gateway, orders, the saga and its steps, calls, served calls, relay, consumers
             await page.wait_for_selector("#flamechart")
             # the flame chart drew something: its canvas is not blank
             painted = await page.evaluate(
@@ -144,9 +144,12 @@ async def test_the_dashboard_shows_a_trace_its_flame_chart_and_replays_a_dead_le
                 "rows => rows.map(r => [r.dataset.step, r.dataset.phase, r.dataset.status])"
             )
             assert steps == [
+                ["record", "action", "done"],
                 ["charge", "action", "done"],
                 ["reserve", "action", "failed"],
+                ["reserve", "compensation", "done"],
                 ["charge", "compensation", "done"],
+                ["record", "compensation", "done"],
             ]
             assert "out of stock" in await page.inner_text("#saga-summary")
             await page.screenshot(path=str(shots / "saga.png"), full_page=True)

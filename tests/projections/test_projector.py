@@ -303,6 +303,40 @@ async def test_replicas_of_one_projection_apply_each_event_once(database_url: st
             await db.aclose()
 
 
+async def test_a_rebuild_by_another_process_is_followed_not_overtaken(database_url: str) -> None:
+    """Another process resets the checkpoint (its rebuild) while this one is caught up: this one must replay from
+    the reset checkpoint, not apply only what came after its own position (which lost every earlier event)."""
+    databases = [await connect_database(database_url) for _ in range(2)]
+    try:
+        store = EventStore(databases[0])
+        await store.migrate()
+
+        async def record(tx: Transaction, event: RecordedEvent) -> None:
+            await tx.execute("INSERT INTO applied (projection, position) VALUES ('shared', ?)", event.position)
+
+        projector = Projector(store, databases[0], poll_interval=0.02)
+        projector.add(Projection("shared", record, schema={"sqlite": APPLIED, "postgresql": APPLIED}))
+        async with projector:
+            for n in range(5):
+                await store.append(f"account-{n}", [opened("ada"), deposited(n)], expected_version=0)
+            await projector.wait_caught_up(timeout=30)
+            async with databases[1].transaction() as tx:  # the other process's rebuild: reset, checkpoint to 0
+                await tx.execute("DELETE FROM applied")
+                await tx.execute("UPDATE meshkit_projections SET position = 0 WHERE name = 'shared'")
+            await EventStore(databases[1]).append("account-9", [opened("bob")], expected_version=0)
+
+            async def replayed() -> bool:
+                rows = await databases[1].fetch("SELECT position FROM applied ORDER BY position")
+                return [int(p) for (p,) in rows] == list(range(1, 12))
+
+            await eventually(replayed, "every event replayed after the reset")
+            await projector.wait_caught_up(timeout=30)
+            assert (await status_of(projector, "shared")).position == 11
+    finally:
+        for db in databases:
+            await db.aclose()
+
+
 async def test_a_batch_runs_in_a_projection_span(store: EventStore, database: Database) -> None:
     exporter = InMemorySpanExporter()
     made = provider("accounts", exporter=exporter, batch=False)

@@ -29,7 +29,7 @@ from tests.helpers import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
 SERVICES = {"orders", "payments", "inventory", "shipping", "email", "analytics", "accounts"}
-STEPS = ("charge", "reserve", "schedule")
+STEPS = ("record", "charge", "reserve", "schedule", "confirm")
 
 
 class Running:
@@ -94,7 +94,7 @@ def call(method: str, url: str, body: object | None = None, token: str | None = 
 
 
 def checkout_trace(traces_url: str) -> list[dict[str, Any]] | None:
-    """The spans of the latest trace rooted at the gateway's POST orders, once all sixteen of its spans arrived."""
+    """The spans of the latest trace rooted at the gateway's POST orders, once all eighteen of its spans arrived."""
     _, found = call("GET", f"{traces_url}?service=gateway&operation=POST%20orders&limit=1")
     if not isinstance(found, dict) or not found.get("traces"):
         return None
@@ -103,8 +103,8 @@ def checkout_trace(traces_url: str) -> list[dict[str, Any]] | None:
         return None
     spans = trace["spans"]
     assert isinstance(spans, list)
-    # gateway, orders, the saga, its 3 steps, 3 calls, 3 served calls, the outbox relay, 3 consumers
-    return spans if len(spans) >= 16 else None
+    # gateway, orders, the saga, its 5 steps, 3 calls, 3 served calls, the outbox relay, 3 consumers
+    return spans if len(spans) >= 18 else None
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         status, declined = call(
             "POST", f"{orders}/orders", {"customer": "bo", "email": "b@x", "sku": "lamp", "quantity": 3}
         )
-        assert status == 402, declined  # 14,700 cents: payments declines, orders says so (nothing to compensate)
+        assert status == 402, declined  # 14,700 cents: payments declines, orders says so and cancels the order
         status, stored = call("GET", f"{orders}/orders/{order['id']}")
         assert status == 200 and isinstance(stored, dict) and stored["status"] == "confirmed", stored
         status, unknown = call(
@@ -207,7 +207,7 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         roots = [s for s in spans if s["parent_span_id"] is None]
         assert [(r["service"], r["name"]) for r in roots] == [("gateway", "POST orders")], roots
         assert all(s["parent_span_id"] is None or s["parent_span_id"] in ids for s in spans), "a parent is missing"
-        # the outbox relays order.created in the request's trace, after the saga's three steps
+        # the outbox relays order.created in the request's trace, from the saga's last step (confirm)
         publish = [s for s in spans if s["name"] == "outbox relay order.created"]
         assert len(publish) == 1 and publish[0]["service"] == "orders"
         (saga,) = [s for s in spans if s["name"] == "saga checkout"]
@@ -215,6 +215,7 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         assert [s["name"].rsplit(" ", 1)[1] for s in steps] == list(STEPS)
         assert all(s["parent_span_id"] == saga["span_id"] for s in steps)
         by_id = {s["span_id"]: s for s in spans}
+        assert by_id[publish[0]["parent_span_id"]]["name"] == "saga checkout step confirm"
         for call_span in (s for s in spans if s["kind"] == "client"):
             assert by_id[call_span["parent_span_id"]]["name"].startswith("saga checkout step "), call_span
         consumers = [s for s in spans if s["name"] == "order.created process"]
@@ -235,15 +236,20 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         dashboard = shown.group(1).rstrip("/") + "/api"
         _, compensated = call("GET", f"{dashboard}/sagas?status=compensated")
         assert isinstance(compensated, dict) and compensated.get("available") is True, compensated
-        # newest first: the mugs, then the lamps that payments declined (a first step: nothing to undo)
+        # newest first: the mugs, then the lamps that payments declined (only the order's record to undo)
         assert [g["failed_step"] for g in compensated["sagas"]] == ["reserve", "charge"]
         _, detail = call("GET", f"{dashboard}/sagas/{compensated['sagas'][0]['id']}")
         assert isinstance(detail, dict)
         assert [(st["step"], st["phase"], st["status"]) for st in detail["steps"]] == [
+            ("record", "action", "done"),
             ("charge", "action", "done"),
             ("reserve", "action", "failed"),
+            ("reserve", "compensation", "done"),  # compensate_failed: a lost answer may hide a reservation
             ("charge", "compensation", "done"),
+            ("record", "compensation", "done"),
         ]
+        _, cancelled = call("GET", f"{orders}/orders/{detail['id']}")
+        assert isinstance(cancelled, dict) and cancelled["status"] == "cancelled", cancelled
         _, refund = call("GET", f"{urls['payments'][0]}/charges/{detail['results']['charge']['id']}")
         assert isinstance(refund, dict) and refund["refunded"] is True
         _, mugs = call("GET", f"{urls['inventory'][0]}/stock/mug")
@@ -257,6 +263,8 @@ def test_the_shop_takes_an_order_and_fans_it_out(shop: Path, mode: str) -> None:
         assert status == 409 and "insufficient funds" in json.dumps(overdrawn)
         status, after = call("POST", f"{accounts}/accounts/{opened['id']}/withdrawals", {"amount": 200})
         assert status == 200 and isinstance(after, dict) and after["balance"] == 800 and after["version"] == 2
+        status, nobody = call("GET", f"{accounts}/accounts/no%20such%20id/events")
+        assert status == 404 and "no account" in json.dumps(nobody)  # not a 500 from the stream name check
         _, history = call("GET", f"{accounts}/accounts/{opened['id']}/events")
         assert isinstance(history, list) and [e["type"] for e in history] == ["AccountOpened", "MoneyWithdrawn"]
         wait_until(

@@ -162,6 +162,25 @@ async def test_unknown_saga_names_are_logged_once_and_left(database_url: str, ca
         assert await status_of(second, "old") == "running"
 
 
+async def test_sagas_nobody_knows_do_not_keep_the_known_ones_from_recovery(database_url: str) -> None:
+    journal = Journal()
+    async with opened(database_url) as database:
+        first = Sagas(database, owner="orders")
+        await first.migrate()
+        legacy = three_steps(journal, "legacy")
+        for n in range(3):  # older than the known one: they come first in the stale order
+            await crash(first, legacy, journal, "reserve", f"old-{n}")
+            await backdate(database, f"old-{n}", 7200.0)
+        checkout = three_steps(journal)
+        await crash(first, checkout, journal, "reserve", "current")
+        await backdate(database, "current")
+        second = Sagas(database, owner="orders")
+        second.register(checkout)
+        assert await second.recover(limit=2) == 1
+        await eventually(lambda: has_status(second, "current", "completed"), "the known saga recovered")
+        await second.aclose()
+
+
 async def test_a_started_instance_keeps_looking_for_abandoned_sagas(database_url: str) -> None:
     journal = Journal()
     checkout = three_steps(journal)

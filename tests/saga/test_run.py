@@ -225,9 +225,13 @@ async def test_data_and_results_must_be_json(database_url: str) -> None:
         calls.append("undo first")
 
     async def odd(ctx: SagaContext) -> object:
+        calls.append("odd")  # its work is done; only its result cannot be kept
         return object()
 
-    saga = Saga("odd", [Step("first", first, compensate=undo_first), Step("odd", odd)])
+    async def undo_odd(ctx: SagaContext) -> None:
+        calls.append("undo odd")
+
+    saga = Saga("odd", [Step("first", first, compensate=undo_first), Step("odd", odd, compensate=undo_odd)])
     async with opened(database_url) as database:
         sagas = Sagas(database, owner="orders")
         await sagas.migrate()
@@ -237,7 +241,51 @@ async def test_data_and_results_must_be_json(database_url: str) -> None:
         with pytest.raises(SagaFailed, match="result of step 'odd' is not JSON-able") as raised:
             await sagas.run(saga, {})
         assert raised.value.status == "compensated"
-        assert calls == ["first", "undo first"]
+        # the step that did its work is undone too (first), then the ones before it
+        assert calls == ["first", "odd", "undo odd", "undo first"]
+
+
+async def test_compensate_failed_undoes_a_step_whose_outcome_is_unknown(database_url: str) -> None:
+    calls: list[str] = []
+
+    async def charge(ctx: SagaContext) -> dict[str, str]:
+        calls.append("charge")
+        return {"id": "c1"}
+
+    async def refund(ctx: SagaContext) -> None:
+        calls.append(f"refund {ctx.results['charge']['id']}")
+
+    async def reserve(ctx: SagaContext) -> None:
+        calls.append("reserve")
+        raise TimeoutError("no answer (the reservation may have been made)")
+
+    async def release(ctx: SagaContext) -> None:
+        assert "reserve" not in ctx.results  # it failed: no result to go by
+        calls.append(f"release {ctx.saga_id}")
+
+    saga = Saga(
+        "checkout",
+        [
+            Step("charge", charge, compensate=refund),
+            Step("reserve", reserve, compensate=release, compensate_failed=True),
+        ],
+    )
+    async with opened(database_url) as database:
+        async with Sagas(database, owner="orders") as sagas:
+            with pytest.raises(SagaFailed) as raised:
+                await sagas.run(saga, {}, saga_id="s1")
+            record = await sagas.get("s1")
+        assert raised.value.status == "compensated" and raised.value.step == "reserve"
+        assert calls == ["charge", "reserve", "release s1", "refund c1"]
+        assert record is not None
+        assert log_of(record) == [
+            ("charge", "action", "done"),
+            ("reserve", "action", "failed"),
+            ("reserve", "compensation", "done"),
+            ("charge", "compensation", "done"),
+        ]
+    with pytest.raises(ConfigurationError, match="compensate_failed=True but no compensation"):
+        Step("reserve", reserve, compensate_failed=True)
 
 
 async def test_list_and_get_filter_and_order_newest_first(database_url: str) -> None:

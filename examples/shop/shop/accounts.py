@@ -68,9 +68,19 @@ class Account(Aggregate):
             self.balance -= event.data["amount"]
 
 
+def checked(account_id: str) -> str:
+    """A path's account id, or 404 when no account could have it (an id is what a stream name can hold)."""
+    try:
+        Account.stream_name(account_id)
+    except ValueError:
+        raise HTTPException(404, f"no account {account_id!r}") from None
+    return account_id
+
+
 async def change(account_id: str, decide: Any) -> Account:
     """Load, decide, save; when another request saved the account first, decide again on its new state."""
     accounts = events.repository(Account, snapshot_every=20)
+    checked(account_id)
     for _ in range(5):
         account = await accounts.load(account_id)
         try:
@@ -116,7 +126,7 @@ async def withdraw(account_id: str, body: Amount) -> dict[str, object]:
 
 @service.http.get("/accounts/{account_id}")
 async def get_account(account_id: str) -> dict[str, object]:
-    account = await events.repository(Account, snapshot_every=20).load(account_id)
+    account = await events.repository(Account, snapshot_every=20).load(checked(account_id))
     if not account.opened:
         raise HTTPException(404, f"no account {account_id}")
     return shown(account)
@@ -124,7 +134,7 @@ async def get_account(account_id: str) -> dict[str, object]:
 
 @service.http.get("/accounts/{account_id}/events")
 async def history(account_id: str) -> list[dict[str, Any]]:
-    return [e.to_dict() for e in await events.load(Account.stream_name(account_id))]
+    return [e.to_dict() for e in await events.load(Account.stream_name(checked(account_id)))]
 
 
 # -- the read model (CQRS): every account's balance, one row each, kept from the events -----------------------------

@@ -1,9 +1,11 @@
 """orders: takes an order and runs the checkout saga (payments.charge -> inventory.reserve -> shipping.schedule).
 
-The order row and the ``order.created`` message commit in one transaction (the transactional outbox), so the
+The saga records the order (pending), charges it, reserves its stock, schedules its shipment, then confirms it:
+the confirmed row and the ``order.created`` message commit in one transaction (the transactional outbox), so the
 message goes out if and only if the order is confirmed, even if the process dies right after the commit. When a
-step of the saga fails, the steps before it are undone in reverse order (a reservation released, a charge refunded)
-and the order is cancelled.
+step fails, the steps before it are undone in reverse order (a reservation released, a charge refunded, the order
+cancelled, with ``order.cancelled`` through the outbox too). Because recording and confirming are steps, a saga
+that a crash interrupted and that the service recovers later ends with its order confirmed or cancelled too.
 """
 
 from __future__ import annotations
@@ -34,8 +36,28 @@ async def create_tables() -> None:
     )
 
 
-# -- the checkout saga: each step is one local transaction in another service, with its compensation ----------------
+# -- the checkout saga: each step is one local transaction, here or in another service, with its compensation -------
 # The saga id (the order id) is every call's Idempotency-Key: a step re-run after a crash is answered, not repeated.
+
+
+async def record(ctx: SagaContext) -> None:
+    await service.database.execute(
+        "INSERT INTO orders (id, customer, email, sku, quantity, total, status)"
+        " SELECT ?, ?, ?, ?, ?, ?, 'pending' WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = ?)",
+        ctx.saga_id,
+        ctx.data["customer"],
+        ctx.data["email"],
+        ctx.data["sku"],
+        ctx.data["quantity"],
+        ctx.data["total"],
+        ctx.saga_id,
+    )
+
+
+async def cancel(ctx: SagaContext) -> None:
+    async with outbox.transaction() as tx:  # cancelled once, announced once, however often this runs
+        if await tx.execute("UPDATE orders SET status = 'cancelled' WHERE id = ? AND status = 'pending'", ctx.saga_id):
+            tx.publish("order.cancelled", {"id": ctx.saga_id}, key=ctx.saga_id)
 
 
 async def charge(ctx: SagaContext) -> dict[str, Any]:
@@ -69,13 +91,30 @@ async def schedule(ctx: SagaContext) -> dict[str, Any]:
     return {"id": response.json()["id"]}
 
 
+async def confirm(ctx: SagaContext) -> None:
+    charge_id, shipment_id = ctx.results["charge"]["id"], ctx.results["schedule"]["id"]
+    async with outbox.transaction() as tx:  # the confirmation and its announcement commit together, once
+        confirmed = await tx.execute(
+            "UPDATE orders SET status = 'confirmed', charge = ?, shipment = ? WHERE id = ? AND status = 'pending'",
+            charge_id,
+            shipment_id,
+            ctx.saga_id,
+        )
+        if confirmed:
+            data = {k: ctx.data[k] for k in ("customer", "email", "sku", "quantity", "total")}
+            tx.publish("order.created", {"id": ctx.saga_id, **data}, key=ctx.saga_id)
+
+
 checkout = service.saga(
     Saga(
         "checkout",
         [
+            Step("record", record, compensate=cancel),
             Step("charge", charge, compensate=refund),
-            Step("reserve", reserve, compensate=release),
+            # a reservation whose answer was lost may have been made: release it too (releasing nothing is fine)
+            Step("reserve", reserve, compensate=release, compensate_failed=True),
             Step("schedule", schedule),
+            Step("confirm", confirm),
         ],
     )
 )
@@ -106,37 +145,14 @@ async def create_order(order: OrderIn) -> dict[str, object]:
         raise HTTPException(404, f"unknown sku {order.sku!r}; we sell {', '.join(PRICES)}")
     order_id = uuid.uuid4().hex[:12]
     total = PRICES[order.sku] * order.quantity
-    await service.database.execute(
-        "INSERT INTO orders (id, customer, email, sku, quantity, total, status) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-        order_id,
-        order.customer,
-        order.email,
-        order.sku,
-        order.quantity,
-        total,
-    )
-    data = {"customer": order.customer, "sku": order.sku, "quantity": order.quantity, "total": total}
+    data = {**order.model_dump(), "total": total}
     try:
         done = await service.sagas.run(checkout, data, saga_id=order_id)
     except SagaFailed as failed:
         refused = failed.__cause__ if isinstance(failed.__cause__, StepRefused) else None
-        async with outbox.transaction() as tx:
-            await tx.execute("UPDATE orders SET status = 'cancelled', reason = ? WHERE id = ?", failed.reason, order_id)
-            tx.publish("order.cancelled", {"id": order_id, "reason": failed.reason, "step": failed.step}, key=order_id)
+        await service.database.execute("UPDATE orders SET reason = ? WHERE id = ?", failed.reason, order_id)
         raise HTTPException(refused.status if refused else 502, refused.detail if refused else str(failed)) from None
     charge_id, shipment_id = done.results["charge"]["id"], done.results["schedule"]["id"]
-    async with outbox.transaction() as tx:  # the confirmation and its announcement commit together
-        await tx.execute(
-            "UPDATE orders SET status = 'confirmed', charge = ?, shipment = ? WHERE id = ?",
-            charge_id,
-            shipment_id,
-            order_id,
-        )
-        tx.publish(
-            "order.created",
-            {"id": order_id, "email": order.email, **data},
-            key=order_id,
-        )
     return {"id": order_id, "total": total, "charge": charge_id, "shipment": shipment_id, "status": "confirmed"}
 
 

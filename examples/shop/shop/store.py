@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meshkit import Service
+
+T = TypeVar("T")
 
 
 class Store:
@@ -65,13 +68,22 @@ class Store:
             db.execute("COMMIT")
             return counts[0]
 
+        return await self._on_thread(run)
+
+    async def _on_thread(self, work: Callable[[], T]) -> T:
+        """``work`` on a worker thread, one at a time; a caller cancelled meanwhile still waits for it to finish
+        before the next one starts (they share the connection, and its transaction)."""
         async with self._lock:
-            return await asyncio.to_thread(run)
+            job = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                await asyncio.wait([job])
+                raise
 
     async def run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement in its own transaction (the replicas of a service share the file)."""
         db = self._db
         if db is None:
             raise RuntimeError("the store is not open")
-        async with self._lock:
-            return await asyncio.to_thread(lambda: db.execute(sql, params).fetchall())
+        return await self._on_thread(lambda: db.execute(sql, params).fetchall())

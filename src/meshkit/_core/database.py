@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
+import logging
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -49,6 +51,8 @@ __all__ = ["Database", "Dialect", "Row", "Transaction", "connect_database", "to_
 Dialect = Literal["sqlite", "postgresql"]
 Row = tuple[Any, ...]
 T = TypeVar("T")
+
+log = logging.getLogger("meshkit.database")
 
 _PG_DRIVER_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name", "target_session_attrs")
 
@@ -76,11 +80,33 @@ class Transaction(ABC):
         return rows[0] if rows else None
 
 
+_OPEN: contextvars.ContextVar[tuple[Database, asyncio.Task[Any] | None] | None] = contextvars.ContextVar(
+    "meshkit_open_transaction", default=None
+)
+
+
 class Database(ABC):
     """A database opened by :func:`connect_database`; close it with :meth:`aclose`."""
 
     dialect: Dialect
     url: str  # redacted: fit for logs and errors
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[None]:
+        """Mark the current task as inside a transaction of this database, refusing a second one in it: the
+        second would wait for the connection (or pool slot) the first holds, for ever."""
+        task = asyncio.current_task()
+        held = _OPEN.get()
+        if held is not None and held[0] is self and held[1] is task:
+            raise ConfigurationError(
+                f"a transaction of {self.url} is already open in this task",
+                hint="run the statement on the open transaction (tx.execute / tx.fetch), not on the database",
+            )
+        token = _OPEN.set((self, task))
+        try:
+            yield
+        finally:
+            _OPEN.reset(token)
 
     @abstractmethod
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
@@ -177,25 +203,40 @@ class SQLiteDatabase(Database):
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        async with self._lock:
-            await self._run(_begin)
-            try:
-                yield _SQLiteTransaction(self)
-            except BaseException:
-                await self._run(_rollback)
-                raise
-            await self._run(_commit)
+        with self._entered():
+            async with self._lock:
+                await self._run(_begin)
+                try:
+                    yield _SQLiteTransaction(self)
+                except BaseException:
+                    await self._run(_rollback)
+                    raise
+                await self._run(_commit)
 
     async def migrate(self, schema: Mapping[str, str]) -> None:
         script = _script(schema, self.dialect)
-        async with self._lock:
-            await self._run(lambda db: db.executescript(script))
+
+        def run(db: sqlite3.Connection) -> None:
+            # one write transaction taken fairly: processes starting together on a new file take turns
+            begin_immediate(db)
+            try:
+                for statement in _statements(script):
+                    db.execute(statement)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        with self._entered():
+            async with self._lock:
+                await self._run(run)
 
     async def aclose(self) -> None:
-        executor, self._executor = self._executor, None
+        executor = self._executor
         if executor is None:
             return
-        async with self._lock:
+        async with self._lock:  # after the transaction in flight, if any
+            self._executor = None
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
         executor.shutdown(wait=True)
 
@@ -285,10 +326,28 @@ class PostgresDatabase(Database):
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        pool = await self._acquire_pool()
-        with self._mapped():
-            async with pool.acquire() as connection, connection.transaction():
-                yield _PostgresTransaction(connection, self._mapped)
+        # Only the driver's own calls are mapped: an error the block raises (an OSError from an HTTP call, say)
+        # goes through as it is.
+        with self._entered():
+            pool = await self._acquire_pool()
+            with self._mapped():
+                connection = await pool.acquire()
+            try:
+                transaction = connection.transaction()
+                with self._mapped():
+                    await transaction.start()
+                try:
+                    yield _PostgresTransaction(connection, self._mapped)
+                except BaseException:
+                    try:
+                        await transaction.rollback()
+                    except Exception:  # the connection is gone: the server rolled back; the block's error counts
+                        log.debug("rollback failed on %s", self.url, exc_info=True)
+                    raise
+                with self._mapped():
+                    await transaction.commit()
+            finally:
+                await pool.release(connection)
 
     async def migrate(self, schema: Mapping[str, str]) -> None:
         script = _script(schema, self.dialect)
@@ -347,6 +406,21 @@ def to_numbered(sql: str) -> str:
             continue
         out.append(char)
     return "".join(out)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a DDL script, split where ``sqlite3.complete_statement`` says one ends (a ``;`` inside a
+    quoted literal or a trigger's body does not end one)."""
+    out: list[str] = []
+    start = 0
+    for end, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start : end + 1]):
+            out.append(script[start : end + 1].strip())
+            start = end + 1
+    rest = script[start:].strip()
+    if rest:
+        out.append(rest)
+    return [statement for statement in out if statement.strip("; \n\t")]
 
 
 def _script(schema: Mapping[str, str], dialect: Dialect) -> str:

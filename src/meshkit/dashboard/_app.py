@@ -212,7 +212,7 @@ class DashboardApp:
             route("/api/audit", api(self._audit_api)),
             route("/api/logs", api(self._logs_api)),
             route("/api/sagas", api(self._sagas_api)),
-            route("/api/sagas/{saga_id}", api(self._saga_api)),
+            route("/api/sagas/{saga_id:path}", api(self._saga_api)),
             route("/api/projections", api(self._projections_api)),
         ]
         return applications.Starlette(

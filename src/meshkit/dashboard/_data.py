@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from meshkit._core.database import Database
 from meshkit.eventsourcing import EventStore
-from meshkit.projections import read_status
+from meshkit.projections import CHECKPOINTS, read_status
 from meshkit.saga import Sagas
 
 __all__ = ["SAGA_STATUSES", "DataSource"]
@@ -32,6 +32,7 @@ class DataSource:
         if not self._migrated:
             await self._sagas.migrate()
             await self._store.migrate()
+            await self.database.migrate(CHECKPOINTS)
             self._migrated = True
 
     async def sagas(self, *, status: str | None, name: str | None, limit: int) -> list[dict[str, Any]]:

@@ -13,6 +13,6 @@ docs/eventsourcing.md has the details.
 """
 
 from meshkit.projections.projection import Handler, Projection, ProjectionStatus, Reset
-from meshkit.projections.projector import Projector, read_status
+from meshkit.projections.projector import CHECKPOINTS, Projector, read_status
 
-__all__ = ["Handler", "Projection", "ProjectionStatus", "Projector", "Reset", "read_status"]
+__all__ = ["CHECKPOINTS", "Handler", "Projection", "ProjectionStatus", "Projector", "Reset", "read_status"]

@@ -19,6 +19,7 @@ from meshkit._core.database import Database, Transaction
 from meshkit.errors import ConfigurationError, TimeoutExceeded
 from meshkit.eventsourcing import EventStore, RecordedEvent
 from meshkit.projections.projection import Projection, ProjectionStatus
+from meshkit.resilience.backoff import Exponential
 from meshkit.tracing.spans import span
 
 __all__ = ["CHECKPOINTS", "Projector", "read_status"]
@@ -37,6 +38,15 @@ CREATE TABLE IF NOT EXISTS meshkit_projections (
 CHECKPOINTS = {"sqlite": _TABLE, "postgresql": _TABLE}
 
 _FIRST_BACKOFF = 0.05
+
+
+class _Moved(Exception):
+    """The stored checkpoint is not where this process left it: another replica advanced it, or a rebuild (here or
+    in another process) reset it. The batch read from the old position is dropped and reading starts again."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"the checkpoint moved to {position}")
+        self.position = position
 
 
 class _HandlerFailed(Exception):
@@ -93,6 +103,7 @@ class Projector:
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self.max_backoff = max_backoff
+        self._backoff = Exponential(_FIRST_BACKOFF, cap=max_backoff, jitter="none")
         self._runs: dict[str, _Running] = {}
         self._started = False
         self._closed = False
@@ -259,7 +270,7 @@ class Projector:
                 if error != run.error:
                     await self._keep_error(name, error)
                 run.error = error
-                await asyncio.sleep(min(self.max_backoff, _FIRST_BACKOFF * 2 ** min(run.failures - 1, 20)))
+                await asyncio.sleep(self._backoff.delay(run.failures))
                 continue
             if run.error is not None:
                 log.info("projection %s runs again", name, extra={"projection": name, "position": run.position})
@@ -280,14 +291,17 @@ class Projector:
         # every event up to `head` is committed (appends commit in position order), so a short page ends at head
         target = events[-1].position if len(events) == self.batch_size else head
         try:
-            await self._commit(run, events, target)
-        except _HandlerFailed:
-            if len(events) <= 1:
-                raise
-            # find the failing event: one transaction per event up to it, so the checkpoint stops right before it
-            for event in events:
-                await self._commit(run, [event], event.position)
-            await self._commit(run, [], target)
+            try:
+                await self._commit(run, events, target)
+            except _HandlerFailed:
+                if len(events) <= 1:
+                    raise
+                # find the failing event: one transaction per event up to it, so the checkpoint stops right before
+                for event in events:
+                    await self._commit(run, [event], event.position)
+                await self._commit(run, [], target)
+        except _Moved as moved:
+            run.position = moved.position  # read again from where the checkpoint is
         return True
 
     async def _commit(self, run: _Running, events: list[RecordedEvent], target: int) -> None:
@@ -299,22 +313,32 @@ class Projector:
             "meshkit.projection.events": len(events),
             "meshkit.projection.position": target,
         }
+        moved: int | None = None
         with span(self.tracer if events else None, f"projection {name}", attributes=attributes):
             async with self.database.transaction() as tx:
                 current = await self._lock_checkpoint(tx, name)
+                if current != run.position:
+                    # the events were read after run.position: behind a reset checkpoint they would skip the
+                    # ones before it for good, ahead of it they are stale; drop them (nothing is written)
+                    moved = position = current
+                    events = []
                 for event in events:
-                    if event.position <= current:
-                        continue  # applied already (by another replica)
                     try:
                         await projection.handler(tx, event)
                     except Exception as exc:
                         raise _HandlerFailed(event) from exc
-                position = max(current, target)
-                now = time.time()
-                if position != current:
-                    await tx.execute(
-                        "UPDATE meshkit_projections SET position = ?, updated = ? WHERE name = ?", position, now, name
-                    )
+                if moved is None:
+                    position = target
+                    now = time.time()
+                    if position != current:
+                        await tx.execute(
+                            "UPDATE meshkit_projections SET position = ?, updated = ? WHERE name = ?",
+                            position,
+                            now,
+                            name,
+                        )
+        if moved is not None:
+            raise _Moved(moved)
         if position != run.position:
             run.position = position
             run.updated = now
@@ -345,8 +369,8 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 async def read_status(store: EventStore, database: Database) -> list[ProjectionStatus]:
     """Every projection's status as the database has it (whichever process runs it), by name: for a reader that
-    runs no projection itself, such as the dashboard. Creates the checkpoint table if no projector has yet."""
-    await database.migrate(CHECKPOINTS)
+    runs no projection itself, such as the dashboard. The checkpoint table must exist (``database.migrate(
+    CHECKPOINTS)`` makes it, as a projector's start does)."""
     head = await store.head()
     rows = await database.fetch("SELECT name, position, updated, error FROM meshkit_projections ORDER BY name")
     return [

@@ -57,7 +57,8 @@ class _Bound(Generic[T]):
         if self._running is None:
             raise ConfigurationError(
                 f"service {self._service!r} is not running, so its {self._what} cannot be used yet",
-                hint=f"use the {self._what} from routes, handlers and hooks (after the service started)",
+                hint=f"use the {self._what} from routes, handlers and on_stop hooks: it starts after the on_start"
+                " hooks (which run first, to make the service's tables)",
             )
         return self._running
 
@@ -97,7 +98,9 @@ class SagasHandle(_Bound[Sagas]):
         self.declared[saga.name] = saga
         return saga
 
-    async def run(self, saga: Saga | str, data: Mapping[str, Any], *, saga_id: str | None = None) -> SagaRecord:
+    async def run(
+        self, saga: Saga | str, data: Mapping[str, Any] | None = None, *, saga_id: str | None = None
+    ) -> SagaRecord:
         return await self.running.run(saga, data, saga_id=saga_id)
 
     async def get(self, saga_id: str) -> SagaRecord | None:
@@ -131,7 +134,7 @@ class EventsHandle(_Bound[EventStore]):
     def store(self) -> EventStore:
         return self.running
 
-    def repository(self, aggregate: type[A], *, snapshot_every: int = 50) -> Repository[A]:
+    def repository(self, aggregate: type[A], *, snapshot_every: int | None = None) -> Repository[A]:
         return Repository(self.running, aggregate, snapshot_every=snapshot_every)
 
     async def append(self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None = None) -> int:

@@ -62,12 +62,19 @@ class Step:
 
     ``retry`` is how many more times a failing action is tried (with the backoff of :class:`Sagas`) before the
     saga gives up and compensates; 0 (the default) tries once.
+
+    A step whose action failed is not undone (its own work is taken to be all or nothing), unless
+    ``compensate_failed``: then its compensation runs too, first. Use it when a failure can leave the work done (a
+    call whose answer was lost after the other side committed); the compensation must then be safe when there is
+    nothing to undo, and cannot rely on ``ctx.results`` of this step. An action that returned a result that cannot
+    be kept (not JSON) did its work, so it is always undone.
     """
 
     name: str
     action: Action
     compensate: Compensation | None = None
     retry: int = 0
+    compensate_failed: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name, "step")
@@ -80,6 +87,11 @@ class Step:
             raise ConfigurationError(
                 f"the compensation of step {self.name!r} must be an async function, not {self.compensate!r}",
                 hint="define it with 'async def name(ctx: SagaContext) -> None', or leave it out",
+            )
+        if self.compensate_failed and self.compensate is None:
+            raise ConfigurationError(
+                f"step {self.name!r} has compensate_failed=True but no compensation",
+                hint="pass compensate=<async function>, or drop compensate_failed",
             )
         retry: object = self.retry  # (checked: callers may not be type-checked)
         if not isinstance(retry, int) or isinstance(retry, bool) or retry < 0:

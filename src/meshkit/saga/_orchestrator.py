@@ -43,12 +43,14 @@ def _as_json(value: Any, what: str) -> str:
 
 
 class _StepFailed(Exception):
-    """An action failed for the last time (the saga row already says ``compensating``)."""
+    """An action failed for the last time (the saga row already says ``compensating``). ``done``: its effect is
+    known to have happened (it returned, but its result could not be kept), so its compensation runs too."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, *, done: bool = False) -> None:
         super().__init__(_describe(error))
         self.error = error
         self.reason = _describe(error)
+        self.done = done
 
 
 class Sagas:
@@ -140,7 +142,11 @@ class Sagas:
         if self._loop is not None:
             return
         await self.migrate()
-        await self.recover()
+        try:
+            await self.recover()
+        except BaseException:
+            await self.aclose()  # the sagas it had taken stop here; recovery continues them later
+            raise
         self._loop = asyncio.create_task(self._recover_forever(), name=f"meshkit-saga-recovery-{self.owner}")
 
     async def aclose(self) -> None:
@@ -242,7 +248,11 @@ class Sagas:
         if self._closed:
             return 0
         taken = 0
-        for saga_id, name, lease, updated in await self._store.stale(self.owner, time.time() - self.stale_after, limit):
+        before = time.time() - self.stale_after
+        # the definitions this process knows first (others would fill every page), then a look at the rest to say so
+        known = await self._store.stale(self.owner, list(self._sagas), before, limit, known=True)
+        unknown = await self._store.stale(self.owner, list(self._sagas), before, limit, known=False)
+        for saga_id, name, lease, updated in [*known, *unknown]:
             if saga_id in self._running:
                 continue
             saga = self._sagas.get(name)
@@ -405,7 +415,9 @@ class _Run:
             try:
                 await self._act(index, step)
             except _StepFailed as failed:
-                await self.backward(index, step.name, failed.reason, failed.error)
+                # the failing step is undone too when its effect happened or may have (compensate_failed)
+                undo = index + 1 if failed.done or step.compensate_failed else index
+                await self.backward(undo, step.name, failed.reason, failed.error)
         await self.store.end(
             self.saga_id, self.lease, time.time(), seq=None, changes={"status": "completed", "step_index": len(steps)}
         )
@@ -425,10 +437,12 @@ class _Run:
                 attempt=attempt,
                 changes={"step_index": index},
             )
+            returned = False
             try:
                 with span(self.sagas.tracer, name, attributes=self._attributes(step, attempt)):
                     async with self._heartbeat():
                         result = await step.action(self.context)
+                    returned = True
                     stored = _as_json(result, f"the result of step {step.name!r}")
             except Exception as exc:
                 reason = _describe(exc)
@@ -441,7 +455,13 @@ class _Run:
                         seq=seq,
                         status="failed",
                         error=reason,
-                        changes={"status": "compensating", "error": reason, "failed_step": step.name},
+                        changes={
+                            "status": "compensating",
+                            "error": reason,
+                            "failed_step": step.name,
+                            # what recovery compensates from: this step too when it may have done its work
+                            "step_index": index + 1 if returned or step.compensate_failed else index,
+                        },
                     )
                     log.warning(
                         "saga %s %s: step %s failed: %s; compensating",
@@ -451,7 +471,23 @@ class _Run:
                         reason,
                         extra=extra,
                     )
-                    raise _StepFailed(exc) from exc
+                    raise _StepFailed(exc, done=returned) from exc
+                if returned:  # done, but its result cannot be kept: trying again would do it twice
+                    await self.store.end(
+                        self.saga_id,
+                        self.lease,
+                        time.time(),
+                        seq=seq,
+                        status="failed",
+                        error=reason,
+                        changes={
+                            "status": "compensating",
+                            "error": reason,
+                            "failed_step": step.name,
+                            "step_index": index + 1,
+                        },
+                    )
+                    raise _StepFailed(exc, done=True) from exc
                 await self.store.end(self.saga_id, self.lease, time.time(), seq=seq, status="failed", error=reason)
                 log.info(
                     "saga %s %s: step %s failed (attempt %d): %s; retrying",

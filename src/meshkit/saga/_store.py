@@ -71,7 +71,7 @@ _INSERT = (
 )
 _STALE = (
     "SELECT id, name, lease, updated FROM meshkit_sagas"  # noqa: S608
-    f" WHERE owner = ? AND status IN ({_ACTIVE_SQL}) AND updated < ? ORDER BY updated LIMIT ?"
+    f" WHERE owner = ? AND status IN ({_ACTIVE_SQL}) AND updated < ?{{names}} ORDER BY updated LIMIT ?"
 )
 _CLAIM = (
     "UPDATE meshkit_sagas SET lease = ?, updated = ?"  # noqa: S608
@@ -226,14 +226,18 @@ class Store:
             )
         return changed == 1
 
-    async def stale(self, owner: str, before: float, limit: int) -> list[tuple[str, str, str, float]]:
-        """``(id, name, lease, updated)`` of ``owner``'s unfinished sagas last updated before ``before``."""
-        rows = await self.database.fetch(
-            _STALE,
-            owner,
-            before,
-            limit,
-        )
+    async def stale(
+        self, owner: str, names: list[str], before: float, limit: int, *, known: bool
+    ) -> list[tuple[str, str, str, float]]:
+        """``(id, name, lease, updated)`` of ``owner``'s unfinished sagas last updated before ``before``, whose
+        name is in ``names`` (``known``) or is not."""
+        if not names:
+            if known:
+                return []
+            where = ""
+        else:
+            where = f" AND name {'IN' if known else 'NOT IN'} ({', '.join('?' * len(names))})"
+        rows = await self.database.fetch(_STALE.format(names=where), owner, before, *names, limit)
         return [(row[0], row[1], row[2], float(row[3])) for row in rows]
 
     async def claim(self, saga_id: str, *, lease: str, updated: float, new_lease: str, now: float) -> bool:
