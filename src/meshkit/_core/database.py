@@ -205,13 +205,17 @@ class SQLiteDatabase(Database):
     async def transaction(self) -> AsyncIterator[Transaction]:
         with self._entered():
             async with self._lock:
-                await self._run(_begin)
+                # BEGIN goes to the thread with the first statement (one hop fewer per transaction: each hop is a
+                # round trip through the executor); a transaction that ran nothing has nothing to end
+                tx = _SQLiteTransaction(self)
                 try:
-                    yield _SQLiteTransaction(self)
+                    yield tx
                 except BaseException:
-                    await self._run(_rollback)
+                    if tx.begun:
+                        await self._run(_rollback)
                     raise
-                await self._run(_commit)
+                if tx.begun:
+                    await self._run(_commit)
 
     async def migrate(self, schema: Mapping[str, str]) -> None:
         script = _script(schema, self.dialect)
@@ -266,16 +270,28 @@ class _SQLiteTransaction(Transaction):
 
     def __init__(self, database: SQLiteDatabase) -> None:
         self._database = database
+        self.begun = False
+
+    async def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self.begun:
+            return await self._database._run(fn)
+        self.begun = True  # from here on the block's end rolls back or commits, whatever this job does
+
+        def begin_then(db: sqlite3.Connection) -> T:
+            _begin(db)
+            return fn(db)
+
+        return await self._database._run(begin_then)
 
     async def execute(self, sql: str, *params: Any) -> int:
-        return await self._database._run(lambda db: db.execute(sql, params).rowcount)
+        return await self._in_transaction(lambda db: db.execute(sql, params).rowcount)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         batch = [tuple(row) for row in rows]
-        await self._database._run(lambda db: db.executemany(sql, batch))
+        await self._in_transaction(lambda db: db.executemany(sql, batch))
 
     async def fetch(self, sql: str, *params: Any) -> list[Row]:
-        return await self._database._run(lambda db: db.execute(sql, params).fetchall())
+        return await self._in_transaction(lambda db: db.execute(sql, params).fetchall())
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------------------
