@@ -447,7 +447,9 @@ class _Run:
             except Exception as exc:
                 reason = _describe(exc)
                 extra = {**self.extra, "step": step.name, "attempt": attempt}
-                if attempt > step.retry:
+                # the last try, or one that did its work but returned a result that cannot be kept (trying again
+                # would do the work twice)
+                if attempt > step.retry or returned:
                     await self.store.end(
                         self.saga_id,
                         self.lease,
@@ -472,22 +474,6 @@ class _Run:
                         extra=extra,
                     )
                     raise _StepFailed(exc, done=returned) from exc
-                if returned:  # done, but its result cannot be kept: trying again would do it twice
-                    await self.store.end(
-                        self.saga_id,
-                        self.lease,
-                        time.time(),
-                        seq=seq,
-                        status="failed",
-                        error=reason,
-                        changes={
-                            "status": "compensating",
-                            "error": reason,
-                            "failed_step": step.name,
-                            "step_index": index + 1,
-                        },
-                    )
-                    raise _StepFailed(exc, done=True) from exc
                 await self.store.end(self.saga_id, self.lease, time.time(), seq=seq, status="failed", error=reason)
                 log.info(
                     "saga %s %s: step %s failed (attempt %d): %s; retrying",
