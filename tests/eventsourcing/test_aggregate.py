@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from meshkit._core.database import Database
-from meshkit.errors import WrongExpectedVersion
+from meshkit.errors import ConfigurationError, WrongExpectedVersion
 from meshkit.eventsourcing import Aggregate, Event, EventStore, Repository
 from tests.eventsourcing.accounts import Account, AccountClosed, InsufficientFunds
 
@@ -161,7 +161,7 @@ async def test_custom_snapshot_shapes_and_versions(store: EventStore) -> None:
     naive = Repository(store, Naive, snapshot_every=1)
     broken = Naive("n")
     broken.add("a")
-    with pytest.raises(TypeError, match="not JSON-able"):
+    with pytest.raises(ConfigurationError, match="not JSON-able"):
         await naive.save(broken)
     assert await store.version("naive-n") == 0  # the bad snapshot failed the save before anything was appended
 
@@ -173,16 +173,16 @@ async def test_bad_aggregates_and_repositories_are_refused(store: EventStore) ->
     class Forgetful(Aggregate):
         pass
 
-    with pytest.raises(ValueError, match="stream_prefix"):
+    with pytest.raises(ConfigurationError, match="stream_prefix"):
         Repository(store, Bad)
-    with pytest.raises(ValueError, match="snapshot_every"):
+    with pytest.raises(ConfigurationError, match="snapshot_every"):
         Repository(store, Account, snapshot_every=0)
-    with pytest.raises(ValueError, match="aggregate id"):
+    with pytest.raises(ConfigurationError, match="aggregate id"):
         Account("")
-    with pytest.raises(ValueError, match="bad stream name"):
+    with pytest.raises(ConfigurationError, match="bad stream name"):
         Account("has space").stream  # noqa: B018
     with pytest.raises(NotImplementedError, match="apply"):
         Forgetful("x").record("Something", {})
-    with pytest.raises(TypeError, match="saves Account"):
+    with pytest.raises(ConfigurationError, match="saves Account"):
         await Repository(store, Account).save(Forgetful("x"))  # type: ignore[arg-type]
     assert Account.stream_name("42") == "account-42"

@@ -358,11 +358,11 @@ async def test_a_batch_runs_in_a_projection_span(store: EventStore, database: Da
 
 
 async def test_bad_projections_and_projectors_are_refused(store: EventStore, database: Database) -> None:
-    with pytest.raises(ValueError, match="bad projection name"):
+    with pytest.raises(ConfigurationError, match="bad projection name"):
         Projection("has space", balances)
-    with pytest.raises(TypeError, match="not one str"):
+    with pytest.raises(ConfigurationError, match="not one str"):
         Projection("p", balances, types="MoneyDeposited")
-    with pytest.raises(ValueError, match="poll_interval"):
+    with pytest.raises(ConfigurationError, match="poll_interval"):
         Projector(store, database, poll_interval=0)
     projector = Projector(store, database)
     projector.add(balances_projection())

@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
 from meshkit import Service, Transaction
-from meshkit.errors import WrongExpectedVersion
+from meshkit.errors import ConfigurationError, WrongExpectedVersion
 from meshkit.eventsourcing import Aggregate, Event, RecordedEvent
 from meshkit.projections import Projection
 
@@ -72,7 +72,7 @@ def checked(account_id: str) -> str:
     """A path's account id, or 404 when no account could have it (an id is what a stream name can hold)."""
     try:
         Account.stream_name(account_id)
-    except ValueError:
+    except ConfigurationError:
         raise HTTPException(404, f"no account {account_id!r}") from None
     return account_id
 

@@ -6,6 +6,7 @@ import logging
 import re
 from typing import Any, ClassVar, Generic, TypeVar
 
+from meshkit.errors import ConfigurationError
 from meshkit.eventsourcing.events import Event, NewEvent, check_stream, encode
 from meshkit.eventsourcing.store import EventStore
 
@@ -50,7 +51,7 @@ class Aggregate:
 
     def __init__(self, id: str) -> None:
         if not id:
-            raise ValueError(f"an aggregate id is a non-empty str, not {id!r}")
+            raise ConfigurationError(f"an aggregate id is a non-empty str, not {id!r}")
         self.id = id
         self.version = 0
         self._pending: list[NewEvent] = []
@@ -60,7 +61,9 @@ class Aggregate:
         """The stream of the aggregate ``id``: ``f"{cls.stream_prefix}-{id}"``."""
         prefix = cls.stream_prefix or cls.__name__.lower()
         if not _PREFIX.fullmatch(prefix):
-            raise ValueError(f"bad stream_prefix {prefix!r} of {cls.__name__}: use letters, digits, _ . and : (no -)")
+            raise ConfigurationError(
+                f"bad stream_prefix {prefix!r} of {cls.__name__}: use letters, digits, _ . and : (no -)"
+            )
         return check_stream(f"{prefix}-{id}")
 
     @property
@@ -119,7 +122,7 @@ class Repository(Generic[A]):
 
     def __init__(self, store: EventStore, aggregate: type[A], *, snapshot_every: int | None = None) -> None:
         if snapshot_every is not None and snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be an int >= 1 or None, not {snapshot_every!r}")
+            raise ConfigurationError(f"snapshot_every must be an int >= 1 or None, not {snapshot_every!r}")
         aggregate.stream_name("x")  # a bad stream_prefix fails here, not on the first load
         self.store = store
         self.aggregate = aggregate
@@ -143,7 +146,7 @@ class Repository(Generic[A]):
         """Append the aggregate's pending events, expecting its stream at ``instance.version``; returns the new
         version. Nothing pending: nothing is written."""
         if not isinstance(instance, self.aggregate):
-            raise TypeError(f"this repository saves {self.aggregate.__name__}, not {type(instance).__name__}")
+            raise ConfigurationError(f"this repository saves {self.aggregate.__name__}, not {type(instance).__name__}")
         pending = instance.pending
         if not pending:
             return instance.version

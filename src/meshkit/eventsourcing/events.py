@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from meshkit.errors import ConfigurationError
+
 __all__ = ["Event", "NewEvent", "RecordedEvent", "Snapshot", "check_stream", "decode", "encode", "stream_category"]
 
 # Letters, digits and _ . : @ = + / -, starting with a letter or digit; "account-42", "order-7f3c.2".
@@ -41,13 +43,13 @@ class NewEvent:
 
     def __post_init__(self) -> None:
         if not self.type or len(self.type) > MAX_STREAM_LENGTH:
-            raise ValueError(f"an event type is a non-empty string of at most {MAX_STREAM_LENGTH} characters")
+            raise ConfigurationError(f"an event type is a non-empty string of at most {MAX_STREAM_LENGTH} characters")
         if self.schema_version < 1:
-            raise ValueError(f"schema_version must be an int >= 1, not {self.schema_version!r}")
+            raise ConfigurationError(f"schema_version must be an int >= 1, not {self.schema_version!r}")
         for name in ("data", "metadata"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
-                raise TypeError(f"{name} of event {self.type!r} must be a dict, not {type(value).__name__}")
+                raise ConfigurationError(f"{name} of event {self.type!r} must be a dict, not {type(value).__name__}")
             object.__setattr__(self, name, dict(value))
 
 
@@ -98,11 +100,11 @@ class Snapshot:
 
 
 def check_stream(stream: object) -> str:
-    """``stream`` if it is a valid stream name; ValueError saying why otherwise."""
+    """``stream`` if it is a valid stream name; :class:`~meshkit.errors.ConfigurationError` saying why otherwise."""
     if not isinstance(stream, str):
-        raise TypeError(f"a stream name is a str, not {type(stream).__name__}")
+        raise ConfigurationError(f"a stream name is a str, not {type(stream).__name__}")
     if len(stream) > MAX_STREAM_LENGTH or not _STREAM.fullmatch(stream):
-        raise ValueError(
+        raise ConfigurationError(
             f"bad stream name {stream!r}: use 1 to {MAX_STREAM_LENGTH} letters, digits and _ . : @ = + / -, "
             "starting with a letter or digit, such as 'account-42' (the category is the part before the first '-')"
         )
@@ -115,11 +117,11 @@ def stream_category(stream: str) -> str:
 
 
 def encode(value: Mapping[str, Any], what: str) -> str:
-    """``value`` as compact JSON text; TypeError naming ``what`` when it is not JSON-able."""
+    """``value`` as compact JSON text; ConfigurationError naming ``what`` when it is not JSON-able."""
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-able: {exc}") from exc
+        raise ConfigurationError(f"{what} is not JSON-able: {exc}") from exc
 
 
 def decode(text: str) -> dict[str, Any]:

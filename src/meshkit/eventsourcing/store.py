@@ -100,7 +100,7 @@ class EventStore:
                 return {**data, "currency": "EUR"}
         """
         if from_version < 1:
-            raise ValueError(f"from_version must be an int >= 1, not {from_version!r}")
+            raise ConfigurationError(f"from_version must be an int >= 1, not {from_version!r}")
         key = (event_type, from_version)
 
         def register(fn: U) -> U:
@@ -116,7 +116,7 @@ class EventStore:
         while (fn := upcasters.get((event_type, schema_version))) is not None:
             data = fn(data)
             if not isinstance(data, dict):
-                raise TypeError(
+                raise ConfigurationError(
                     f"the upcaster of {event_type!r} from version {schema_version} returned "
                     f"{type(data).__name__}, not a dict"
                 )
@@ -150,11 +150,11 @@ class EventStore:
         """
         check_stream(stream)
         if expected_version is not None and expected_version < 0:
-            raise ValueError(f"expected_version must be an int >= 0 or None, not {expected_version!r}")
+            raise ConfigurationError(f"expected_version must be an int >= 0 or None, not {expected_version!r}")
         events = list(events)
         for event in events:
             if not isinstance(event, NewEvent):
-                raise TypeError(f"append takes NewEvent objects, not {type(event).__name__}")
+                raise ConfigurationError(f"append takes NewEvent objects, not {type(event).__name__}")
         rows = [
             (
                 event.type,
@@ -238,9 +238,9 @@ class EventStore:
         one replaces it, an older one is ignored unless its ``schema_version`` differs)."""
         check_stream(stream)
         if version < 1:
-            raise ValueError(f"a snapshot's version must be an int >= 1, not {version!r}")
+            raise ConfigurationError(f"a snapshot's version must be an int >= 1, not {version!r}")
         if not isinstance(state, dict):
-            raise TypeError(f"a snapshot's state must be a dict, not {type(state).__name__}")
+            raise ConfigurationError(f"a snapshot's state must be a dict, not {type(state).__name__}")
         text = encode(state, f"the snapshot state of {stream!r}")
         async with self.database.transaction() as tx:
             await tx.execute(
@@ -275,7 +275,7 @@ class EventStore:
         """Up to ``limit`` events of the global log with a position above ``after`` (and at most ``until``), in
         position order, upcast. ``types`` keeps only events of those types."""
         if limit < 1:
-            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+            raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
         sql = f"SELECT {_COLUMNS} FROM meshkit_events WHERE position > ?"  # noqa: S608 (constant columns)
         params: list[Any] = [int(after)]
         if until is not None:

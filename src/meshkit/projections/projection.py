@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshkit._core.database import Transaction
+from meshkit.errors import ConfigurationError
 from meshkit.eventsourcing import RecordedEvent
 
 __all__ = ["Handler", "Projection", "ProjectionStatus", "Reset"]
@@ -43,15 +44,17 @@ class Projection:
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
-            raise ValueError(
+            raise ConfigurationError(
                 f"bad projection name {self.name!r}: use 1 to 200 letters, digits and _ . : - "
                 "(such as 'account_balances')"
             )
         if not callable(self.handler):
-            raise TypeError(f"the handler of projection {self.name!r} must be an async function (tx, event)")
+            raise ConfigurationError(f"the handler of projection {self.name!r} must be an async function (tx, event)")
         if self.types is not None:
             if isinstance(self.types, str):
-                raise TypeError(f"types of projection {self.name!r} is a collection of event types, not one str")
+                raise ConfigurationError(
+                    f"types of projection {self.name!r} is a collection of event types, not one str"
+                )
             object.__setattr__(self, "types", frozenset(self.types))
 
 

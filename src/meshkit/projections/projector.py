@@ -92,11 +92,11 @@ class Projector:
         max_backoff: float = 5.0,
     ) -> None:
         if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be above 0, not {poll_interval!r}")
+            raise ConfigurationError(f"poll_interval must be above 0, not {poll_interval!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+            raise ConfigurationError(f"batch_size must be at least 1, not {batch_size!r}")
         if max_backoff < _FIRST_BACKOFF:
-            raise ValueError(f"max_backoff must be at least {_FIRST_BACKOFF}, not {max_backoff!r}")
+            raise ConfigurationError(f"max_backoff must be at least {_FIRST_BACKOFF}, not {max_backoff!r}")
         self.store = store
         self.database = database
         self.tracer = tracer
