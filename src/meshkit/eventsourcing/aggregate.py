@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, TypeVar
 
 from meshkit.errors import ConfigurationError
@@ -18,7 +19,7 @@ A = TypeVar("A", bound="Aggregate")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:]*")
 
 
-class Aggregate:
+class Aggregate(ABC):
     """A consistency boundary whose state is the fold of its events.
 
     Subclasses set their initial state in ``__init__(self, id)`` (calling ``super().__init__(id)``), change it
@@ -75,10 +76,10 @@ class Aggregate:
         """The events recorded since the aggregate was loaded or saved (a copy)."""
         return list(self._pending)
 
+    @abstractmethod
     def apply(self, event: Event) -> None:
         """Change the state by one event (recorded now, or loaded). No decisions, no I/O: it must not fail on an
-        event that was already stored."""
-        raise NotImplementedError(f"{type(self).__name__} must define apply(event)")
+        event that was already stored. Every aggregate defines it (a class without it cannot be made)."""
 
     def record(
         self, event_type: str, data: dict[str, Any], metadata: dict[str, Any] | None = None, *, schema_version: int = 1
