@@ -197,7 +197,8 @@ class DataPatterns:
             self.events = EventsHandle(self.service)
         if self.events is not None:
             store = EventStore(database, tracer=tracer)
-            await store.migrate()
+            if self.projections is None or not self.projections.declared:
+                await store.migrate()  # (else the projector's start does)
             for type_, version, fn in self.events.upcasters:
                 store.upcaster(type_, from_version=version)(fn)
             self.events._running = store

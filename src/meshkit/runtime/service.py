@@ -61,6 +61,7 @@ Hook = Callable[[], Awaitable[None]]
 Check = Callable[[], Awaitable[None]]
 MessageHandler = Callable[[Message], Awaitable[None]]
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+D = TypeVar("D")
 
 #: Where every service answers :meth:`Service.resilience_report` as JSON.
 RESILIENCE_PATH = "/_meshkit/resilience"
@@ -252,10 +253,7 @@ class Service:
         """The transactional outbox: ``async with service.outbox.transaction() as tx:`` business rows and
         ``tx.publish(...)`` commit together, and the relay publishes after the commit. Naming it at import time
         declares it, so the relay runs from the service's start (and relays what a crash left)."""
-        if self._data.outbox is None:
-            if self._ctx is not None:
-                raise self._data.late("service.outbox")
-            self._data.outbox = OutboxHandle(self.name)
+        self._data.outbox = self._declared(self._data.outbox, OutboxHandle, "service.outbox")
         return self._data.outbox
 
     def saga(self, saga: Saga) -> Saga:
@@ -266,19 +264,13 @@ class Service:
     @property
     def sagas(self) -> SagasHandle:
         """Runs this service's sagas (see :meth:`saga`)."""
-        if self._data.sagas is None:
-            if self._ctx is not None:
-                raise self._data.late("service.saga(...)")
-            self._data.sagas = SagasHandle(self.name)
+        self._data.sagas = self._declared(self._data.sagas, SagasHandle, "service.saga(...)")
         return self._data.sagas
 
     @property
     def events(self) -> EventsHandle:
         """The event store (append, load, snapshots, ``repository(Aggregate)``)."""
-        if self._data.events is None:
-            if self._ctx is not None:
-                raise self._data.late("service.events")
-            self._data.events = EventsHandle(self.name)
+        self._data.events = self._declared(self._data.events, EventsHandle, "service.events")
         return self._data.events
 
     def projection(self, projection: Projection) -> Projection:
@@ -288,11 +280,16 @@ class Service:
     @property
     def projections(self) -> ProjectionsHandle:
         """The service's projections: their status, and waiting for them to catch up."""
-        if self._data.projections is None:
-            if self._ctx is not None:
-                raise self._data.late("service.projection(...)")
-            self._data.projections = ProjectionsHandle(self.name)
+        self._data.projections = self._declared(self._data.projections, ProjectionsHandle, "service.projection(...)")
         return self._data.projections
+
+    def _declared(self, handle: D | None, make: Callable[[str], D], what: str) -> D:
+        """A data pattern's handle, made (declared) on first use; first used while running, it was not started."""
+        if handle is not None:
+            return handle
+        if self._ctx is not None:
+            raise self._data.late(what)
+        return make(self.name)
 
     @property
     def database(self) -> Database:
@@ -457,14 +454,15 @@ class Service:
         report["registered"] = "ok" if self._lease is not None and not self._stopping else "not registered"
         if self._ctx is not None:
             report["broker"] = "ok" if not self._ctx.broker.closed else "closed"
-        if self._database is not None:
-            try:
-                await asyncio.wait_for(self._database.fetch("SELECT 1"), timeout=5.0)
-            except Exception as exc:
-                report["database"] = f"{type(exc).__name__}: {exc}"
-            else:
-                report["database"] = "ok"
-        for name, check in self._checks.items():
+        checks = dict(self._checks)
+        database = self._database
+        if database is not None:  # the data patterns' database answers (a check the service declared wins)
+
+            async def database_answers() -> None:
+                await database.fetch("SELECT 1")
+
+            checks.setdefault("database", database_answers)
+        for name, check in checks.items():
             try:
                 await asyncio.wait_for(check(), timeout=5.0)
             except Exception as exc:
